@@ -1,0 +1,1 @@
+"""geokd's shared library: configs, data, models, geometry losses, feature store, training loop."""

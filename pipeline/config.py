@@ -1,0 +1,76 @@
+"""Stage configs: one dataclass per stage, loaded from YAML and overridden from the command line.
+
+`--config file.yaml` supplies defaults; any `--field value` after it wins. Parsing is transformers'
+`HfArgumentParser`, so lists are `--layers 2 4`, booleans `--flag` / `--flag false`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or option the stage cannot use; the message names the file and field."""
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of field: value at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None = None) -> T:
+    """Build `cls` from `--config YAML` (optional) and command-line overrides."""
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a path to a YAML file")
+        config_path = argv[i + 1]
+        del argv[i : i + 2]
+
+    parser = HfArgumentParser(cls)
+    if config_path is not None:
+        values = load_yaml(config_path)
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"{config_path}: unknown field(s) {', '.join(unknown)} for {cls.__name__}; "
+                f"known fields: {', '.join(sorted(known))}"
+            )
+        parser.set_defaults(**values)
+        # A field that is required on the command line is satisfied by the YAML file.
+        for action in parser._actions:
+            if action.dest in values:
+                action.required = False
+    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """JSON-safe dict of a stage config, for manifests."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
