@@ -1,0 +1,257 @@
+"""Geometry-aware feature distances between student and teacher token representations (DESIGN section 1).
+
+Every distance works on the valid tokens' features as rows of `R in R^{n x d}`, each side centered (mean row
+removed) and scaled to unit Frobenius norm, in fp32 whatever the input dtype. Widths may differ. The teacher
+side never receives a gradient. With `squared=True` (training) the squared distance is returned; with
+`squared=False` (reporting) the distance itself.
+
+    D_P^2  = 2 - 2 ||R_s^T R_t||_*                          (Procrustes: min over orthogonal Q of ||R_t - R_s Q||^2)
+    D_FG^2 = ||R_t^T R_t||^2 + ||R_s^T R_s||^2 - 2 ||R_s^T R_t||^2      (= ||R_t R_t^T - R_s R_s^T||^2)
+    D_CKA  = 1 - ||R_s^T R_t||^2 / (||R_s^T R_s|| ||R_t^T R_t||)
+
+The nuclear norm avoids `torch.linalg.svdvals` (slow on GPUs, and its backward is unstable for repeated
+singular values): its value and its gradient, the polar factor of `M = R_s^T R_t`, come from one eigh of the
+smaller Gram `M M^T` in float64, or from a Newton-Schulz polar iteration (matmuls only).
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+NuclearMethod = Literal["auto", "eigh", "newton_schulz", "svd"]
+_EPS = 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feature preparation
+# ---------------------------------------------------------------------------------------------------------------
+def select_tokens(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Rows of the valid tokens: `[n, d]` as is, `[batch, seq, d]` flattened over the positions where mask is true."""
+    if x.dim() == 2:
+        if mask is None:
+            return x
+        if mask.shape != x.shape[:1]:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not match features of shape {tuple(x.shape)}")
+        return x[mask.bool()]
+    if x.dim() == 3:
+        if mask is None:
+            return x.reshape(-1, x.shape[-1])
+        if mask.shape != x.shape[:2]:
+            raise ValueError(f"mask of shape {tuple(mask.shape)} does not match features of shape {tuple(x.shape)}")
+        return x[mask.bool()]
+    raise ValueError(f"features must be [n, d] or [batch, seq, d], got shape {tuple(x.shape)}")
+
+
+def normalize_features(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Valid rows in fp32, centered and scaled to unit Frobenius norm (a zero matrix stays zero)."""
+    r = select_tokens(x, mask)
+    r = r if r.dtype == torch.float64 else r.float()  # half precision is never used for the math
+    if r.shape[0] == 0:
+        raise ValueError("no valid tokens: the mask selects nothing")
+    r = r - r.mean(dim=0, keepdim=True)
+    norm = torch.linalg.matrix_norm(r)
+    return r / norm.clamp_min(_EPS)
+
+
+def _pair(student: Tensor, teacher: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    rs = normalize_features(student, mask)
+    rt = normalize_features(teacher.detach(), mask)
+    if rs.shape[0] != rt.shape[0]:
+        raise ValueError(f"student has {rs.shape[0]} valid tokens, teacher {rt.shape[0]}: they must be the same tokens")
+    return rs, rt
+
+
+def _finish(sq: Tensor, squared: bool) -> Tensor:
+    sq = sq.clamp_min(0.0)
+    return sq if squared else sq.sqrt()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nuclear norm with the polar factor as its gradient
+# ---------------------------------------------------------------------------------------------------------------
+def _nuclear_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
+    """||M||_* and the polar factor of M from eigh of the smaller Gram, in float64.
+
+    float64 because sqrt(eigenvalue) of a squared-condition Gram loses half the digits: in fp32 the small
+    singular values (most of them, for features) would be wrong by ~sqrt(eps) * sigma_max each.
+    """
+    wide = m.shape[0] <= m.shape[1]
+    a = (m if wide else m.T).double()
+    evals, evecs = torch.linalg.eigh(a @ a.T)
+    evals = evals.clamp_min(0.0)
+    sing = evals.sqrt()
+    nuc = sing.sum()
+    # Pseudo-inverse square root: directions with (numerically) zero singular value get no gradient,
+    # which is a valid subgradient of the nuclear norm there.
+    tol = evals.max().clamp_min(1e-300) * (a.shape[0] * torch.finfo(torch.float64).eps)
+    inv_sqrt = torch.where(evals > tol, 1.0 / sing.clamp_min(1e-300), torch.zeros_like(sing))
+    polar = (evecs * inv_sqrt) @ (evecs.T @ a)
+    polar = polar if wide else polar.T
+    return nuc.to(m.dtype), polar.to(m.dtype)
+
+
+def _nuclear_newton_schulz(m: Tensor, steps: int = 30) -> tuple[Tensor, Tensor]:
+    """Polar factor by the cubic Newton-Schulz iteration X <- 1.5 X - 0.5 X X^T X (matmuls only).
+
+    Scaling by the Frobenius norm puts every singular value in (0, 1], inside the iteration's (0, sqrt 3)
+    basin. A singular value s grows by ~1.5x a step until it converges, so after `steps` steps values above
+    about 1.5^-(steps-6) of the Frobenius norm are converged; the rest contribute s * p(s) <= s to the value,
+    an error bounded by their sum. ||M||_* = <polar, M> is read off the iterate.
+    """
+    wide = m.shape[0] <= m.shape[1]
+    x = m if wide else m.T
+    x = x / torch.linalg.matrix_norm(x).clamp_min(_EPS)
+    for _ in range(steps):
+        x = 1.5 * x - 0.5 * (x @ x.T) @ x
+    polar = x if wide else x.T
+    return (polar * m).sum(), polar
+
+
+def _nuclear_svd(m: Tensor) -> tuple[Tensor, Tensor]:
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return s.sum(), u @ vh
+
+
+class _NuclearNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, m: Tensor, method: str) -> Tensor:  # type: ignore[override]
+        if method == "eigh":
+            value, polar = _nuclear_eigh(m)
+        elif method == "newton_schulz":
+            value, polar = _nuclear_newton_schulz(m)
+        else:
+            value, polar = _nuclear_svd(m)
+        ctx.save_for_backward(polar)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (polar,) = ctx.saved_tensors
+        return grad * polar, None
+
+
+def nuclear_norm(m: Tensor, method: NuclearMethod = "auto") -> Tensor:
+    """Sum of singular values of a 2-D matrix, differentiable (gradient = polar factor U V^T).
+
+    `auto` is Newton-Schulz on a GPU (matmuls at full speed) and float64 eigh on a CPU (exact, and a small
+    Gram's eigh is cheap there).
+    """
+    if m.dim() != 2:
+        raise ValueError(f"nuclear_norm expects a matrix, got shape {tuple(m.shape)}")
+    if method == "auto":
+        method = "newton_schulz" if m.is_cuda else "eigh"
+    if method not in ("eigh", "newton_schulz", "svd"):
+        raise ValueError(f"unknown nuclear-norm method {method!r}: use auto, eigh, newton_schulz or svd")
+    return _NuclearNorm.apply(m, method)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distances
+# ---------------------------------------------------------------------------------------------------------------
+def procrustes_distance(
+    student: Tensor,
+    teacher: Tensor,
+    mask: Tensor | None = None,
+    squared: bool = True,
+    method: NuclearMethod = "auto",
+) -> Tensor:
+    """Orthogonal Procrustes distance D_P (squared by default) between centered, unit-norm features."""
+    rs, rt = _pair(student, teacher, mask)
+    return _finish(2.0 - 2.0 * nuclear_norm(rs.T @ rt, method), squared)
+
+
+def _gram_sq_norms(rs: Tensor, rt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(||R_s^T R_s||^2, ||R_t^T R_t||^2, ||R_s^T R_t||^2), through d x d or n x n products, whichever is cheaper."""
+    n, ds = rs.shape
+    dt = rt.shape[1]
+    if n * n * (ds + dt) < n * (ds * ds + dt * dt + ds * dt):
+        ks, kt = rs @ rs.T, rt @ rt.T
+        return (ks * ks).sum(), (kt * kt).sum(), (ks * kt).sum()
+    ss, tt, st = rs.T @ rs, rt.T @ rt, rs.T @ rt
+    return (ss * ss).sum(), (tt * tt).sum(), (st * st).sum()
+
+
+def feature_gram_distance(
+    student: Tensor, teacher: Tensor, mask: Tensor | None = None, squared: bool = True
+) -> Tensor:
+    """Feature Gram matrix distance D_FG = ||R_t R_t^T - R_s R_s^T||_F (squared by default), never forming n x n
+    matrices when the feature widths are the smaller side."""
+    rs, rt = _pair(student, teacher, mask)
+    ss, tt, st = _gram_sq_norms(rs, rt)
+    return _finish(tt + ss - 2.0 * st, squared)
+
+
+def cka_distance(student: Tensor, teacher: Tensor, mask: Tensor | None = None, squared: bool = True) -> Tensor:
+    """Linear CKA distance 1 - CKA. It is already a dissimilarity, so `squared` only matters for reporting
+    symmetry with the others: squared=True returns 1 - CKA, squared=False returns the same value."""
+    rs, rt = _pair(student, teacher, mask)
+    ss, tt, st = _gram_sq_norms(rs, rt)
+    cka = st / (ss * tt).clamp_min(_EPS**2).sqrt()  # clamp inside the sqrt: finite gradient at 0
+    return (1.0 - cka).clamp_min(0.0)
+
+
+def procrustes_floor(teacher: Tensor, student_width: int, mask: Tensor | None = None, squared: bool = True) -> Tensor:
+    """Smallest D_P any student of width `student_width` can reach against these teacher features.
+
+    With e the teacher's spectral energy beyond rank d_s (normalized features), the best unit-norm rank-d_s
+    student has ||R_s^T R_t||_* = sqrt(1 - e) (von Neumann's trace inequality, attained by the truncated SVD),
+    so D_P^2 >= 2 - 2 sqrt(1 - e). A floor well above 0 says the student is too narrow for that layer.
+    """
+    rt = normalize_features(teacher.detach(), mask)
+    s2 = torch.linalg.svdvals(rt.double()) ** 2
+    dropped = s2[student_width:].sum().clamp(0.0, 1.0)
+    return _finish((2.0 - 2.0 * (1.0 - dropped).sqrt()).float(), squared)
+
+
+class ProjectionMSE(nn.Module):
+    """Projection-MSE baseline: ||R_s W - R_t||_F^2 with a learned W (d_s x d_t), on centered unit-norm features.
+
+    The normalization puts it on the same scale as D_P^2 (both in [0, 4]) so one weight `b` means the same
+    thing for every feature loss. W starts as a scaled random projection.
+    """
+
+    def __init__(self, d_student: int, d_teacher: int):
+        super().__init__()
+        self.proj = nn.Linear(d_student, d_teacher, bias=False)
+        nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(d_student))
+
+    def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None, squared: bool = True) -> Tensor:
+        rs, rt = _pair(student, teacher, mask)
+        diff = self.proj(rs) - rt
+        return _finish((diff * diff).sum(), squared)
+
+
+def projection_mse(
+    student: Tensor, teacher: Tensor, projection: ProjectionMSE, mask: Tensor | None = None, squared: bool = True
+) -> Tensor:
+    """Functional form of the projection-MSE baseline with a given `ProjectionMSE` module."""
+    return projection(student, teacher, mask, squared)
+
+
+def logit_kd(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, temperature: float = 1.0
+) -> Tensor:
+    """Forward KL(teacher || student) at temperature T, mean over the valid tokens, scaled by T^2 so its
+    gradient magnitude does not shrink with T. Logits are `[..., vocab]`; the mask selects tokens."""
+    s = select_tokens(student_logits, mask)
+    t = select_tokens(teacher_logits.detach(), mask)
+    s = (s if s.dtype == torch.float64 else s.float()) / temperature
+    t = (t if t.dtype == torch.float64 else t.float()) / temperature
+    if s.shape != t.shape:
+        raise ValueError(f"student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ in shape")
+    if s.shape[0] == 0:
+        raise ValueError("no valid tokens: the mask selects nothing")
+    log_ps = torch.log_softmax(s, dim=-1)
+    log_pt = torch.log_softmax(t, dim=-1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    return kl.mean() * temperature**2
+
+
+FEATURE_LOSSES = {
+    "procrustes": procrustes_distance,
+    "fg": feature_gram_distance,
+    "cka": cka_distance,
+}
