@@ -185,8 +185,10 @@ def feature_gram_distance(
 
 
 def cka_distance(student: Tensor, teacher: Tensor, mask: Tensor | None = None, squared: bool = True) -> Tensor:
-    """Linear CKA distance 1 - CKA. It is already a dissimilarity, so `squared` only matters for reporting
-    symmetry with the others: squared=True returns 1 - CKA, squared=False returns the same value."""
+    """Linear CKA distance 1 - CKA (the CKA baseline's training objective and its reported value alike).
+
+    1 - CKA is not a squared quantity, so `squared` changes nothing; it is accepted so that every feature
+    distance can be called the same way."""
     rs, rt = _pair(student, teacher, mask)
     ss, tt, st = _gram_sq_norms(rs, rt)
     cka = st / (ss * tt).clamp_min(_EPS**2).sqrt()  # clamp inside the sqrt: finite gradient at 0
