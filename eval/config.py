@@ -1,0 +1,91 @@
+"""The one config of the eval stage: what to score, on which sets, and the generation protocol (DESIGN section 3)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import ConfigError
+
+ALL_BENCHMARKS = ["dolly", "self_inst", "vicuna", "sinst", "uinst"]
+
+
+def default_data_dir() -> str:
+    """`../shared/data/instruct` beside the repository, unless GEOKD_SHARED_DATA names the shared folder."""
+    shared = os.environ.get("GEOKD_SHARED_DATA")
+    if shared:
+        return str(Path(shared) / "data" / "instruct")
+    return str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "instruct")
+
+
+@dataclass
+class EvalConfig:
+    models: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Hugging Face causal-LM directories to score", "aliases": ["--model"], "nargs": "+"},
+    )
+    benchmarks: list[str] = field(
+        default_factory=lambda: list(ALL_BENCHMARKS),
+        metadata={"help": "registry names (dolly self_inst vicuna sinst uinst), JSONL paths, or hub:NAME[:SPLIT]"},
+    )
+    data_dir: str = field(default_factory=default_data_dir, metadata={"help": "folder holding the registry's files"})
+    field_map: list[str] = field(
+        default_factory=list,
+        metadata={"help": "for JSONL paths and hub sets: canonical=source pairs, e.g. output=answer input=context"},
+    )
+    out: str = field(default="runs/eval", metadata={"help": "output folder (a rerun resumes in it)"})
+    tokenizer: str = field(default="", metadata={"help": "tokenizer dir, when a model dir has none"})
+    max_samples: int = field(default=0, metadata={"help": "score only the first N records of each set (0 = all)"})
+    seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
+    greedy: bool = field(default=False, metadata={"help": "greedy decoding, one pass instead of one per seed"})
+    batch_size: int = 8
+    dtype: str = field(default="auto", metadata={"help": "auto (fp32 on CPU, bf16/fp16 on GPU) | float32 | bfloat16 | float16"})
+    max_prompt_length: int = 256
+    max_length: int = 512
+    max_new_tokens: int = field(
+        default=0, metadata={"help": "new-token budget per sample; 0 = max_length - max_prompt_length (MiniLLM)"}
+    )
+    prompt_truncation: str = field(
+        default="left",
+        metadata={"help": "left: keep leading special tokens + the last tokens (the response cue survives); "
+                          "right: keep the first max_prompt_length tokens (MiniLLM's code)"},
+    )
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    no_repeat_ngram_size: int = 6
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype: expected auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.prompt_truncation not in ("left", "right"):
+            raise ConfigError(f"prompt_truncation: expected left or right, got {self.prompt_truncation!r}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_samples < 0:
+            raise ConfigError(f"max_samples must be >= 0 (0 = all), got {self.max_samples}")
+        if not self.greedy and not self.seeds:
+            raise ConfigError("seeds: give at least one seed, or --greedy")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: repeated seed in {self.seeds}")
+        if self.max_prompt_length < 1 or self.budget() < 1:
+            raise ConfigError(
+                f"max_prompt_length ({self.max_prompt_length}) and max_length ({self.max_length}) leave no room "
+                "for new tokens; set max_new_tokens or a larger max_length"
+            )
+        if not 0.0 < self.top_p <= 1.0 or self.top_k < 0 or self.temperature <= 0:
+            raise ConfigError("sampling: need 0 < top_p <= 1, top_k >= 0 (0 = off), temperature > 0")
+        for pair in self.field_map:
+            if "=" not in pair:
+                raise ConfigError(f"field_map: expected canonical=source, got {pair!r}")
+
+    def budget(self) -> int:
+        """New tokens per sample. Fixed per sample (not per batch) so a result never depends on its batch-mates."""
+        return self.max_new_tokens or self.max_length - self.max_prompt_length
+
+    def runs(self) -> list[int | None]:
+        """The generation passes per (model, set): one per seed, or a single `None` pass when greedy."""
+        return [None] if self.greedy else list(self.seeds)
+
+    def fields(self) -> dict[str, str]:
+        return dict(pair.split("=", 1) for pair in self.field_map)

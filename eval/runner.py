@@ -1,0 +1,261 @@
+"""`evaluate(config)`: generate, score and report, resumable, on one process or several ranks under torchrun.
+
+Output layout (all under `config.out`):
+    protocol.json                                  settings every result in this folder shares
+    generations/<model>/<set>/identity.json        fingerprints of the model, tokenizer and data behind the files
+    generations/<model>/<set>/seed<N>.jsonl        one line per sample (greedy.jsonl in greedy mode)
+    scores.json, scores.md, scores.png, tensorboard/<model>/
+A seed file appears only when complete (atomic rename), so a rerun regenerates exactly the missing ones.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from eval.benchmarks import Benchmark, load_benchmark
+from eval.config import EvalConfig
+from eval.generate import GenerationSettings, encode_prompts, generate_all, plan_batches
+from eval.report import write_reports
+from eval.scoring import aggregate, score_all
+from pipeline.config import ConfigError
+from pipeline.io import atomic_path, read_json, sha256_json, write_json_atomic
+from pipeline.runtime import dist_info, pick_device
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def model_names(paths: Sequence[str]) -> list[str]:
+    """Shortest path suffix that tells the models apart ('a/final' and 'b/final', not 'final' twice)."""
+    parts = [Path(p).resolve().parts for p in paths]
+    if len(set(parts)) != len(parts):
+        raise ConfigError(f"models: the same directory is listed twice in {list(paths)}")
+    for k in range(1, max(len(p) for p in parts) + 1):
+        names = ["__".join(p[-k:]).lstrip("/") for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    raise AssertionError("distinct paths always have distinct suffixes")
+
+
+def model_dir_fingerprint(path: Path) -> str:
+    """Hash of config.json and the weight files' names, sizes, heads and tails.
+
+    Reading whole multi-GB checkpoints on every rerun would cost minutes; a retrained or replaced checkpoint
+    changes its header and first/last bytes.
+    """
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(8 << 20))
+            fh.seek(max(0, size - (8 << 20)))
+            h.update(fh.read())
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    return sha256_json([type(tokenizer).__name__, tokenizer.get_vocab(), tokenizer.all_special_tokens])
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def load_model_and_tokenizer(model_dir: str, tokenizer_dir: str, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model {model_dir}: not a Hugging Face model directory (no config.json)")
+    tok_path = tokenizer_dir or model_dir
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"no usable tokenizer in {tok_path} ({e}); pass --tokenizer DIR") from e
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def _run_file(folder: Path, seed: int | None) -> Path:
+    return folder / ("greedy.jsonl" if seed is None else f"seed{seed}.jsonl")
+
+
+def read_run(path: Path, bench: Benchmark) -> list[float]:
+    """Scores of a finished seed file, after checking it covers exactly this set's samples in order."""
+    scores = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+                scores.append(float(record["score"]))
+                index = record["index"]
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{lineno}: not a generation record ({e})") from e
+            if index != lineno - 1:
+                raise ValueError(f"{path}:{lineno}: sample index {index}, expected {lineno - 1}")
+    if len(scores) != len(bench.samples):
+        raise ValueError(
+            f"{path}: {len(scores)} generations but {bench.name} has {len(bench.samples)} samples; "
+            "generations and references must match (remove the file to regenerate it)"
+        )
+    return scores
+
+
+def _check_record(path: Path, want: dict[str, Any], what: str, has_results: bool,
+                  compare: dict[str, Any] | None = None) -> None:
+    """Write `want` to `path`, after checking that results already there were made under the same values.
+
+    `compare` (default: all of `want`) are the values that must match; with no results yet, nothing is at stake.
+    """
+    compare = want if compare is None else compare
+    if path.exists() and has_results:
+        have = read_json(path)
+        diff = sorted(k for k in compare if have.get(k) != compare[k])
+        if diff:
+            raise ConfigError(
+                f"{path}: earlier results in this folder were made with a different {what} "
+                f"(differs in: {', '.join(diff)}); use another --out, or delete the old results"
+            )
+    write_json_atomic(path, want)
+
+
+def _write_run(path: Path, bench: Benchmark, records: list[dict[str, Any]], seed: int | None) -> list[float]:
+    records = sorted(records, key=lambda r: r["index"])
+    if [r["index"] for r in records] != list(range(len(bench.samples))):
+        raise RuntimeError(f"{path}: gathered {len(records)} generations for {len(bench.samples)} samples")
+    scores = score_all([r["generation"] for r in records], [s.references for s in bench.samples])
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r, s, score in zip(records, bench.samples, scores):
+            row = {"index": s.index, "seed": seed, "prompt": s.prompt, "references": list(s.references),
+                   "generation": r["generation"], "score": score, "new_tokens": r["new_tokens"],
+                   "prompt_tokens": r["prompt_tokens"], "prompt_truncated": r["prompt_truncated"]}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return scores
+
+
+def _init_distributed(world_size: int) -> bool:
+    if world_size <= 1 or torch.distributed.is_initialized():
+        return False
+    torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def _broadcast(obj: Any, world_size: int) -> Any:
+    if world_size <= 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(records: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+    if world_size <= 1:
+        return records
+    parts: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(parts, records)
+    return [r for part in parts for r in part]
+
+
+def _summary(folder: Path, bench: Benchmark, config: EvalConfig) -> dict[str, Any]:
+    """Aggregate a (model, set) pair from its seed files on disk: resumed and fresh seeds alike."""
+    per_seed, tokens, truncated = {}, [], 0
+    for seed in config.runs():
+        path = _run_file(folder, seed)
+        per_seed["greedy" if seed is None else str(seed)] = read_run(path, bench)
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        tokens.extend(r["new_tokens"] for r in rows)
+        truncated = sum(1 for r in rows if r["prompt_truncated"])
+    result = aggregate(per_seed)
+    result.update(mode="greedy" if config.greedy else "sampling", source=bench.source,
+                  mean_new_tokens=sum(tokens) / len(tokens), prompts_truncated=truncated)
+    return result
+
+
+def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
+    """Score every model on every benchmark; returns {"results": {model: {set: summary}}, ...} (rank 0's view)."""
+    if not config.models:
+        raise ConfigError("models: give at least one model directory (--models DIR [DIR ...])")
+    info = dist_info()
+    started_dist = _init_distributed(info.world_size)
+    device = pick_device(info.local_rank)
+    dtype = resolve_dtype(config.dtype)
+    out = Path(config.out)
+    names = model_names(config.models)
+    benches = [load_benchmark(s, config.data_dir, config.fields(), config.max_samples) for s in config.benchmarks]
+    seen = [b.name for b in benches]
+    if len(set(seen)) != len(seen):
+        raise ConfigError(f"benchmarks: two sets share a name in {seen}")
+    settings = GenerationSettings(
+        max_new_tokens=config.budget(), max_prompt_length=config.max_prompt_length,
+        prompt_truncation=config.prompt_truncation, temperature=config.temperature, top_k=config.top_k,
+        top_p=config.top_p, no_repeat_ngram_size=config.no_repeat_ngram_size,
+    )
+    protocol = {**settings.__dict__, "dtype": str(dtype).removeprefix("torch."), "max_samples": config.max_samples,
+                "field_map": config.fields(), "metric": "rougeL F1 x100, rouge_score stemmer, max over references"}
+    if info.is_main:
+        _check_record(out / "protocol.json", protocol, "generation protocol", (out / "generations").exists())
+
+    t0 = time.time()
+    for model_dir, name in zip(config.models, names):
+        model = tokenizer = None
+        pending: dict[str, list[int | None]] = {}
+        if info.is_main:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir, local_files_only=True)
+            for bench in benches:
+                folder = out / "generations" / name / bench.name
+                runs = [s for s in config.runs() if not _run_file(folder, s).exists()]
+                identity = {"model_fingerprint": model_dir_fingerprint(Path(model_dir)),
+                            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                            "data_fingerprint": bench.fingerprint, "n_samples": len(bench.samples)}
+                # The model's path is recorded but not compared: a moved checkpoint is still the same model.
+                _check_record(folder / "identity.json", {**identity, "model": str(Path(model_dir).resolve()),
+                              "source": bench.source}, "model, tokenizer or data", any(folder.glob("*.jsonl")),
+                              compare=identity)
+                if runs:
+                    pending[bench.name] = runs
+        pending = _broadcast(pending, info.world_size)
+        if not pending:
+            continue
+        model, tokenizer = load_model_and_tokenizer(model_dir, config.tokenizer, dtype, device)
+        for bench in benches:
+            if bench.name not in pending:
+                continue
+            encoded = encode_prompts(tokenizer, [(s.index, s.prompt) for s in bench.samples],
+                                     config.max_prompt_length, config.prompt_truncation)
+            batches = plan_batches(encoded, config.batch_size)
+            for seed in pending[bench.name]:
+                t = time.time()
+                mine = generate_all(model, tokenizer, batches, settings, seed, info.rank, info.world_size,
+                                    progress=progress and info.is_main)
+                records = _gather(mine, info.world_size)
+                if info.is_main:
+                    path = _run_file(out / "generations" / name / bench.name, seed)
+                    scores = _write_run(path, bench, records, seed)
+                    label = "greedy" if seed is None else f"seed {seed}"
+                    print(f"[eval] {name} / {bench.name} / {label}: ROUGE-L {sum(scores) / len(scores):.2f} "
+                          f"({len(scores)} samples, {time.time() - t:.1f}s)", flush=True)
+        del model
+
+    results: dict[str, Any] = {}
+    if info.is_main:
+        results = {name: {b.name: _summary(out / "generations" / name / b.name, b, config) for b in benches}
+                   for name in names}
+        model_paths = {name: str(Path(p).resolve()) for name, p in zip(names, config.models)}
+        results = write_reports(out, results, model_paths, protocol, wall_s=time.time() - t0)
+    if info.world_size > 1:
+        torch.distributed.barrier()
+        if started_dist:
+            torch.distributed.destroy_process_group()
+    return results
