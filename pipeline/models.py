@@ -1,0 +1,231 @@
+"""Teacher and student models: loading, named OPT presets, layer maps, and cheap hidden-state capture.
+
+Hidden states are named as in docs/contracts.md: 0 = token embeddings (plus positions, after OPT's project_in),
+i = output of decoder layer i (1-based), "final" = what the LM head reads (after the final layer norm and, in
+OPT-350M, project_out), so `logits = final @ lm_head.weight.T`. Note that transformers 5.x replaces the last entry
+of `output_hidden_states` by that final state; here layer n always means the raw output of the last decoder layer.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline.io import sha256_file, sha256_json
+
+FINAL = "final"
+
+# Real OPT shapes (from the published configs); the tiny ones run a forward pass in milliseconds on a CPU.
+PRESETS: dict[str, dict] = {
+    "tiny-teacher": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, ffn_dim=512, dropout=0.0),
+    "tiny-student": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, ffn_dim=256, dropout=0.0),
+    "opt-125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072),
+    # OPT-350M is the odd one: post-layer-norm, no final layer norm, and a 512-wide embedding with project_in/out.
+    "opt-350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
+                     word_embed_proj_dim=512, do_layer_norm_before=False),
+    "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192),
+    "opt-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, ffn_dim=20480),
+}
+
+
+def preset_config(name: str, vocab_size: int, *, pad_token_id: int = 1, bos_token_id: int = 2,
+                  eos_token_id: int = 2) -> OPTConfig:
+    """The OPTConfig of a named preset with the given vocabulary and special token ids."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    shape = dict(PRESETS[name])
+    shape.setdefault("word_embed_proj_dim", shape["hidden_size"])
+    shape.setdefault("dropout", 0.1)
+    return OPTConfig(
+        vocab_size=vocab_size, max_position_embeddings=2048, attention_dropout=0.0, activation_function="relu",
+        enable_bias=True, layer_norm_elementwise_affine=True, tie_word_embeddings=True,
+        pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **shape,
+    )
+
+
+def load_model(spec: str, *, tokenizer: PreTrainedTokenizerBase | None = None, dtype: torch.dtype = torch.float32,
+               seed: int = 0) -> PreTrainedModel:
+    """A causal LM from a local HF model directory, or `preset:NAME` with random weights drawn from `seed`.
+
+    Presets take their vocabulary size and special token ids from `tokenizer` (required for them). A directory
+    loads with local files only; with a tokenizer given, its vocabulary must fit the model's embedding.
+    """
+    if spec.startswith("preset:"):
+        name = spec.split(":", 1)[1]
+        if tokenizer is None:
+            raise ValueError(f"{spec}: a preset takes its vocabulary from the tokenizer; pass tokenizer=")
+        config = preset_config(name, len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                               bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None
+                               else tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+        # A private RNG stream: the same seed gives the same weights, and the caller's RNG state is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = OPTForCausalLM(config)
+        return model.to(dtype)
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"model {spec!r}: not a model directory with config.json, and not a preset "
+            f"(preset:{', preset:'.join(PRESETS)}); this pipeline loads local files only"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a causal LM from {path}: {e}") from e
+    if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"{path}: the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
+            f"({len(tokenizer)}); they do not belong together"
+        )
+    return model
+
+
+def model_fingerprint(model_or_dir: PreTrainedModel | str | Path) -> str:
+    """Hash of a model's config and weights: a directory hashes its files, a live model its tensors."""
+    if isinstance(model_or_dir, (str, Path)):
+        path = Path(model_or_dir)
+        files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".bin")
+                       and p.name != "generation_config.json" and not p.name.startswith("."))
+        if not files:
+            raise ValueError(f"{path}: no model files to fingerprint")
+        return sha256_json({p.name: sha256_file(p) for p in files})
+    import hashlib
+
+    config = model_or_dir.config.to_dict()
+    # Bookkeeping that save_pretrained/from_pretrained add; the tensors' own dtypes are hashed below.
+    for volatile in ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype"):
+        config.pop(volatile, None)
+    h = hashlib.sha256(sha256_json(config).encode())
+    for name, tensor in sorted(model_or_dir.state_dict().items()):
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def num_decoder_layers(model: PreTrainedModel) -> int:
+    return len(_decoder_layers(model))
+
+
+def layer_map(student_layers: int, teacher_layers: int, pairs: Sequence[Sequence[int]] | None = None,
+              n_pairs: int = 2) -> list[tuple[int, int]]:
+    """(student, teacher) hidden-state index pairs: `pairs` checked, or `n_pairs` spaced uniformly over depth.
+
+    Uniform spacing puts the last pair at both models' last layers and the others at equal fractions of depth
+    (student layer round(k*S/n) -> teacher layer round(k*T/n)), so 2 pairs of a 2-layer student and 4-layer
+    teacher give [(1, 2), (2, 4)].
+    """
+    if pairs is not None:
+        out = []
+        for p in pairs:
+            if len(p) != 2:
+                raise ValueError(f"layer pair {list(p)} must be (student_layer, teacher_layer)")
+            s, t = int(p[0]), int(p[1])
+            if not 0 <= s <= student_layers:
+                raise ValueError(f"student layer {s} out of range 0..{student_layers}")
+            if not 0 <= t <= teacher_layers:
+                raise ValueError(f"teacher layer {t} out of range 0..{teacher_layers}")
+            out.append((s, t))
+        if not out:
+            raise ValueError("an explicit layer map needs at least one pair")
+        return out
+    if not 1 <= n_pairs <= student_layers:
+        raise ValueError(f"n_pairs={n_pairs}: must be between 1 and the student's {student_layers} layers")
+    return [(round(k * student_layers / n_pairs), round(k * teacher_layers / n_pairs)) for k in range(1, n_pairs + 1)]
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    for path in ("model.decoder", "decoder", "model"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None and isinstance(getattr(obj, "layers", None), nn.ModuleList):
+            return obj
+    raise ValueError(f"{type(model).__name__}: cannot find its decoder layers (expected an OPT-like model)")
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return _decoder(model).layers
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every requested layer is captured, to skip the rest of the network."""
+
+
+@contextlib.contextmanager
+def record_hidden_states(model: nn.Module, layers: Sequence[int | str],
+                         stop_early: bool = False) -> Iterator[dict[int | str, torch.Tensor]]:
+    """Fill a dict with the requested hidden states during the forward passes run inside the block.
+
+    Only the requested layers are kept (hooks on those decoder layers; "final" from the LM head's input). With
+    `stop_early`, the forward is cut after the deepest requested layer: call the model inside `run_until_captured`.
+    Under activation checkpointing a recomputed layer fires its hook again in backward and replaces the entry
+    with an equal tensor, which is harmless once the loss is computed.
+    """
+    decoder_layers = _decoder_layers(model)
+    n = len(decoder_layers)
+    wanted = list(dict.fromkeys(layers))
+    for layer in wanted:
+        if layer != FINAL and not (isinstance(layer, int) and 0 <= layer <= n):
+            raise ValueError(f"hidden state {layer!r} does not exist: choose 0..{n} or {FINAL!r}")
+    deepest = max((x for x in wanted if x != FINAL), default=-1)
+    out: dict[int | str, torch.Tensor] = {}
+    handles = []
+
+    def keep(key, tensor):
+        out[key] = tensor
+        if stop_early and FINAL not in wanted and key == deepest:
+            raise _StopForward
+
+    def layer_hook(index):
+        def hook(module, args, kwargs, output):
+            keep(index, output[0] if isinstance(output, tuple) else output)
+        return hook
+
+    def input_hook(module, args, kwargs):
+        keep(0, args[0] if args else kwargs["hidden_states"])
+
+    try:
+        if 0 in wanted:
+            handles.append(decoder_layers[0].register_forward_pre_hook(input_hook, with_kwargs=True))
+        for i in wanted:
+            if i != FINAL and i >= 1:
+                handles.append(decoder_layers[i - 1].register_forward_hook(layer_hook(i), with_kwargs=True))
+        if FINAL in wanted:
+            head = model.get_output_embeddings()
+            if head is None:
+                raise ValueError(f"{type(model).__name__} has no LM head, so it has no 'final' hidden state")
+            handles.append(head.register_forward_pre_hook(lambda m, args: out.__setitem__(FINAL, args[0])))
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture_hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          layers: Sequence[int], final: bool = False) -> dict[int | str, torch.Tensor]:
+    """Run `model` and return only the requested hidden states `{layer: [B, T, d]}` (plus "final" if asked).
+
+    Without `final`, the forward stops after the deepest requested layer and the LM head never runs, so capturing
+    layers 2 and 4 of a 24-layer teacher costs 4 layers. With `final`, the full decoder runs but the
+    vocabulary-sized logits are still skipped: "final" is the decoder's last_hidden_state.
+    """
+    wanted: list[int | str] = list(layers) + ([FINAL] if final else [])
+    if not wanted:
+        raise ValueError("capture_hidden_states: no layers requested")
+    decoder = _decoder(model)
+    ints = [x for x in wanted if x != FINAL]
+    with record_hidden_states(model, ints, stop_early=not final) as out:
+        try:
+            result = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            result = None
+    if final:
+        out[FINAL] = result.last_hidden_state
+    missing = [x for x in wanted if x not in out]
+    if missing:  # e.g. LayerDrop skipped a layer in training mode
+        raise RuntimeError(f"hidden states {missing} were not produced by the forward pass")
+    return {k: out[k] for k in wanted}
