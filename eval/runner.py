@@ -30,15 +30,19 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def model_names(paths: Sequence[str]) -> list[str]:
-    """Shortest path suffix that tells the models apart ('a/final' and 'b/final', not 'final' twice)."""
-    parts = [Path(p).resolve().parts for p in paths]
+    """Per model, the shortest path suffix no other model shares ('a__final', 'b__final', 'c')."""
+    parts = [Path(p).resolve().parts[1:] for p in paths]
     if len(set(parts)) != len(parts):
         raise ConfigError(f"models: the same directory is listed twice in {list(paths)}")
-    for k in range(1, max(len(p) for p in parts) + 1):
-        names = ["__".join(p[-k:]).lstrip("/") for p in parts]
-        if len(set(names)) == len(names):
-            return names
-    raise AssertionError("distinct paths always have distinct suffixes")
+    names = []
+    for i, p in enumerate(parts):
+        k = 1
+        while k < len(p) and any(q[-k:] == p[-k:] for j, q in enumerate(parts) if j != i):
+            k += 1
+        names.append("__".join(p[-k:]))
+    if len(set(names)) != len(names):  # only when a folder's own name contains "__"
+        names = ["__".join(p) for p in parts]
+    return names
 
 
 def model_dir_fingerprint(path: Path) -> str:
