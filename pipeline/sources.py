@@ -1,0 +1,258 @@
+"""Raw instruction data in the formats users have, read into one normalized `Example` list.
+
+Formats, told apart per file by its fields:
+- Alpaca / MiniLLM: `instruction`, `input` (optional), `output` (a string, or a list of references as in S-NI),
+  optional `prompt` (used as given; otherwise the Alpaca template is rendered);
+- raw Dolly: `instruction`, `context`, `response` (and `category`, ignored);
+- Self-Instruct: `instruction` plus `instances: [{input, output}, ...]`, one example per instance;
+- anything else through a field map, e.g. `--fields instruction=question output=answer`.
+
+Local files are JSONL (or a JSON array) loaded with `datasets`; a name that is not a local path is loaded from
+the Hugging Face hub, which fails with a clear message on an offline machine. Before `datasets` sees a file, a
+strict pass checks UTF-8 and that every line is one JSON object, so errors name the file and line (datasets
+skips blank lines, reports 0-based rows, and reads a line like `[1, 2]` as a column called "text").
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from pipeline.builtin_data import BUILTIN_VERSION, builtin_split, parse_builtin_spec
+from pipeline.io import sha256_file, sha256_json
+from pipeline.prompts import render_prompt
+
+OUR_FIELDS = ("instruction", "input", "output", "prompt")
+
+
+class DataError(ValueError):
+    """Input data the pipeline cannot use; the message names the file, line and field."""
+
+
+@dataclass
+class Example:
+    instruction: str
+    input: str
+    references: list[str]  # the first one is the training target; all of them are kept for scoring
+    prompt: str
+    where: str = field(default="", compare=False)  # "file:line" for messages
+
+
+@dataclass
+class Source:
+    spec: str
+    kind: str  # "file" | "builtin" | "hub"
+    sha256: str
+    format: str = ""
+    records: int = 0
+    examples: list[Example] = field(default_factory=list, repr=False)
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {"spec": self.spec, "kind": self.kind, "sha256": self.sha256, "format": self.format,
+                "records": self.records, "examples": len(self.examples)}
+
+
+def parse_field_map(items: Sequence[str]) -> dict[str, str]:
+    """['instruction=question', 'output=answer'] -> {'instruction': 'question', 'output': 'answer'}."""
+    out = {}
+    for item in items:
+        ours, sep, theirs = item.partition("=")
+        if not sep or not theirs or ours not in OUR_FIELDS:
+            raise DataError(f"--fields {item!r}: write OURS=THEIRS with OURS one of {', '.join(OUR_FIELDS)}")
+        out[ours] = theirs
+    if out and not {"instruction", "output"} <= out.keys():
+        raise DataError("--fields must map at least instruction=... and output=...")
+    return out
+
+
+def _scan_jsonl(path: Path, raw: bytes) -> list[tuple[int, set[str]]]:
+    """(line number, keys) of every record; raises DataError naming the line of the first bad one."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+    rows = []
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+        for i, obj in enumerate(items):
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}: item {i}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((i, set(obj)))
+        return rows
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: malformed JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{number}: expected one JSON object per line, got {type(obj).__name__}")
+        rows.append((number, set(obj)))
+    return rows
+
+
+def _load_json_with_datasets(path: Path):
+    import datasets
+
+    datasets.disable_progress_bars()
+    # A private cache: nothing lands in ~/.cache, and a rerun never reads a stale conversion.
+    with tempfile.TemporaryDirectory(prefix="geokd-datasets-") as cache:
+        ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache,
+                                   keep_in_memory=True)
+        return ds.to_list()
+
+
+def _detect_format(keys: set[str], field_map: dict[str, str]) -> str:
+    if field_map:
+        return "mapped"
+    if "instances" in keys:
+        return "self-instruct"
+    if "response" in keys:
+        return "dolly"
+    if "output" in keys:
+        return "alpaca"
+    raise DataError(f"cannot tell the format from the fields {sorted(keys)}: expected output (Alpaca), "
+                    f"response (Dolly) or instances (Self-Instruct); map others with --fields OURS=THEIRS")
+
+
+def _text(value: Any, name: str, where: str, keys: set[str], required: bool) -> str:
+    if value is None:
+        if required and name in keys:
+            raise DataError(f"{where}: field {name!r} is null")
+        if required:
+            raise DataError(f"{where}: record has no field {name!r}; its fields are: {', '.join(sorted(keys))}")
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _references(value: Any, name: str, where: str, keys: set[str]) -> list[str]:
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, str) for v in value):
+            raise DataError(f"{where}: field {name!r} must be a string or a non-empty list of strings")
+        return list(value)
+    return [_text(value, name, where, keys, required=True)]
+
+
+def _examples_from_row(row: dict, keys: set[str], fmt: str, field_map: dict[str, str], where: str) -> list[Example]:
+    def make(instruction, input_text, refs, prompt, at=where):
+        prompt = prompt or render_prompt(instruction, input_text)
+        return Example(instruction, input_text, refs, prompt, at)
+
+    if fmt == "mapped":
+        get = {ours: row.get(theirs) for ours, theirs in field_map.items()}
+        instruction = _text(get.get("instruction"), field_map["instruction"], where, keys, True)
+        input_text = _text(get.get("input"), field_map.get("input", "input"), where, keys, False)
+        refs = _references(get.get("output"), field_map["output"], where, keys)
+        return [make(instruction, input_text, refs, _text(get.get("prompt"), "prompt", where, keys, False))]
+    instruction = _text(row.get("instruction"), "instruction", where, keys, True)
+    if fmt == "dolly":
+        return [make(instruction, _text(row.get("context"), "context", where, keys, False),
+                     _references(row.get("response"), "response", where, keys), "")]
+    if fmt == "self-instruct":
+        instances = row.get("instances")
+        if not isinstance(instances, list) or not instances:
+            raise DataError(f"{where}: field 'instances' must be a non-empty list of {{input, output}} objects")
+        out = []
+        for j, inst in enumerate(instances):
+            at = f"{where} instance {j}"
+            if not isinstance(inst, dict):
+                raise DataError(f"{at}: expected an object with input and output")
+            ikeys = {k for k, v in inst.items() if v is not None}
+            out.append(make(instruction, _text(inst.get("input"), "input", at, ikeys, False),
+                            _references(inst.get("output"), "output", at, ikeys), "", at))
+        return out
+    return [make(instruction, _text(row.get("input"), "input", where, keys, False),
+                 _references(row.get("output"), "output", where, keys),
+                 _text(row.get("prompt"), "prompt", where, keys, False))]
+
+
+def _rows_to_examples(spec: str, rows: list[dict], keys_per_row: list[set[str]], wheres: list[str],
+                      field_map: dict[str, str]) -> tuple[str, list[Example]]:
+    if not rows:
+        raise DataError(f"{spec}: no records (the dataset is empty)")
+    fmt = _detect_format(keys_per_row[0], field_map)
+    examples: list[Example] = []
+    for row, keys, where in zip(rows, keys_per_row, wheres):
+        examples.extend(_examples_from_row(row, keys, fmt, field_map, where))
+    return fmt, examples
+
+
+def read_file(path: str | Path, field_map: dict[str, str] | None = None) -> Source:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    scanned = _scan_jsonl(path, raw)
+    if not scanned:
+        raise DataError(f"{path}: no records (the file is empty)")
+    try:
+        rows = _load_json_with_datasets(path)
+    except Exception as e:  # the scan passed, so this is datasets' own limit (e.g. a schema it cannot unify)
+        raise DataError(f"{path}: datasets could not load it: {type(e).__name__}: {e}") from e
+    if len(rows) != len(scanned):
+        raise DataError(f"{path}: datasets read {len(rows)} records but the file has {len(scanned)} JSON lines")
+    line_word = "item" if path.suffix == ".json" and raw.lstrip().startswith(b"[") else "line"
+    wheres = [f"{path}:{n}" if line_word == "line" else f"{path} item {n}" for n, _ in scanned]
+    # datasets fills a field missing from one record with None; the scan knows which fields each line had.
+    for row, (_, keys) in zip(rows, scanned):
+        for k in list(row):
+            if k not in keys:
+                row[k] = None
+    fmt, examples = _rows_to_examples(str(path), rows, [k for _, k in scanned], wheres, field_map or {})
+    return Source(spec=str(path), kind="file", sha256=sha256_file(path), format=fmt, records=len(rows),
+                  examples=examples)
+
+
+def read_builtin(split: str) -> Source:
+    records = builtin_split(split)
+    fmt, examples = _rows_to_examples(f"builtin:{split}", records, [set(r) for r in records],
+                                      [f"builtin:{split} record {i}" for i in range(len(records))], {})
+    return Source(spec=f"builtin:{split}", kind="builtin", format=fmt, records=len(records), examples=examples,
+                  sha256=sha256_json({"version": BUILTIN_VERSION, "records": records}))
+
+
+def read_hub(name: str, split: str, field_map: dict[str, str] | None = None) -> Source:
+    import datasets
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise DataError(f"{name!r} is not a local file, and this machine is offline (HF_HUB_OFFLINE=1), so it "
+                        f"cannot be loaded from the Hugging Face hub; give a local JSONL path or 'builtin'")
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise DataError(f"cannot load {name!r} (split {split!r}) from the Hugging Face hub: {e}; "
+                        f"if it is meant to be a local file, check the path") from e
+    rows = ds.to_list()
+    keys = [{k for k, v in r.items() if v is not None} for r in rows]
+    fmt, examples = _rows_to_examples(name, rows, keys, [f"{name}[{split}] row {i}" for i in range(len(rows))],
+                                      field_map or {})
+    return Source(spec=f"{name}[{split}]", kind="hub", sha256=ds._fingerprint, format=fmt, records=len(rows),
+                  examples=examples)
+
+
+def read_source(spec: str, field_map: dict[str, str] | None = None, hub_split: str = "train") -> Source:
+    """One `--data` entry: `builtin[:split]`, a local .jsonl/.json file, or a hub dataset name."""
+    split = parse_builtin_spec(spec)
+    if split is not None:
+        if field_map:
+            raise DataError("--fields does not apply to the built-in dataset")
+        return read_builtin(split)
+    path = Path(spec)
+    if path.exists() or path.suffix in (".jsonl", ".json") or spec.startswith((".", "/", "~")):
+        if not path.exists():
+            raise DataError(f"{spec}: no such file")
+        if path.is_dir():
+            raise DataError(f"{spec}: is a directory; give the JSONL files in it")
+        return read_file(path, field_map)
+    return read_hub(spec, hub_split, field_map)

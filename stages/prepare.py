@@ -1,0 +1,131 @@
+"""prepare: instruction records -> tokenized shards + manifest (the first stage of geokd).
+
+Usage:
+    ./run.sh prepare --data builtin --out runs/builtin --tokenizer builtin-tiny --valid_size 200
+    ./run.sh prepare --data ../shared/data/instruct/dolly_train_part1.jsonl ../shared/data/instruct/dolly_train_part2.jsonl \\
+        --out runs/dolly --tokenizer builtin-gpt2 --valid_fraction 0.02
+    ./run.sh prepare --data my.jsonl --fields instruction=question output=answer --out runs/mine
+    ./run.sh prepare --config prepare.yaml
+
+`--data` takes local JSONL/JSON files (Alpaca/MiniLLM, raw Dolly, Self-Instruct, multi-reference outputs, or any
+fields through `--fields OURS=THEIRS`), `builtin` / `builtin:test`, or a hub dataset name (online machines only).
+The Alpaca prompt is tokenized with the tokenizer given, truncated to `--max_prompt_len` / `--max_len`, and the
+response tokens carry the loss. The output folder gets token shards, records, a copy of the tokenizer and a
+manifest (written last). Rerunning with the same inputs does nothing; other inputs into the same folder are an
+error. A run that was killed is redone from scratch on the next run.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pipeline.config import ConfigError, config_to_dict, parse_config
+from pipeline.data import (MANIFEST_KIND, claim_output_dir, finish_output_dir, length_stats, split_samples,
+                           tokenize_examples, write_split)
+from pipeline.io import sha256_json
+from pipeline.sources import DataError, parse_field_map, read_source
+from pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+# Config fields that name where things are rather than what is produced: not part of the fingerprint.
+_LOCATION_FIELDS = ("data", "out", "tokenizer")
+
+
+@dataclass
+class PrepareConfig:
+    data: list[str] = field(metadata={"help": "JSONL/JSON files, 'builtin[:train|test]', or a hub dataset name"})
+    out: str = field(metadata={"help": "output folder (created; never overwritten)"})
+    tokenizer: str = field(default="builtin-gpt2",
+                           metadata={"help": "tokenizer or model dir, 'builtin-gpt2' or 'builtin-tiny'"})
+    fields: list[str] = field(default_factory=list,
+                              metadata={"help": "field map OURS=THEIRS for other formats, e.g. output=answer"})
+    hub_split: str = field(default="train", metadata={"help": "split to load for a hub dataset name"})
+    max_prompt_len: int = field(default=256, metadata={"help": "prompt tokens at most (with the BOS token)"})
+    max_len: int = field(default=512, metadata={"help": "prompt + response tokens at most"})
+    prompt_overflow: Literal["truncate", "drop"] = field(
+        default="truncate", metadata={"help": "a longer prompt keeps its head and '### Response:' line, or is dropped"})
+    valid_fraction: float = field(default=0.0, metadata={"help": "fraction of samples split off as 'valid'"})
+    valid_size: int = field(default=0, metadata={"help": "number of samples split off as 'valid'"})
+    seed: int = field(default=42, metadata={"help": "seed of the validation split"})
+    limit: int = field(default=0, metadata={"help": "use only the first N examples (0 = all)"})
+    shard_size: int = field(default=20000, metadata={"help": "samples per shard"})
+
+
+def run(config: PrepareConfig) -> Path:
+    start = time.time()
+    out = Path(config.out)
+    if config.shard_size < 1 or config.limit < 0:
+        raise ConfigError("shard_size must be >= 1 and limit >= 0")
+
+    # 1. Read every source and the tokenizer: enough to know what this run would produce.
+    field_map = parse_field_map(config.fields)
+    sources = [read_source(spec, field_map, config.hub_split) for spec in config.data]
+    examples = [ex for src in sources for ex in src.examples]
+    if config.limit:
+        examples = examples[: config.limit]
+    tok = load_tokenizer(config.tokenizer)
+    tok_fp = tokenizer_fingerprint(tok)
+    settings = {k: v for k, v in config_to_dict(config).items() if k not in _LOCATION_FIELDS}
+    planned = {
+        "kind": MANIFEST_KIND,
+        "fingerprint": sha256_json({"sources": [s.sha256 for s in sources], "tokenizer": tok_fp,
+                                    "settings": settings}),
+        "sources": [s.manifest_entry() for s in sources],
+        "tokenizer": {"spec": config.tokenizer, "fingerprint": tok_fp, "size": len(tok),
+                      "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id},
+        "config": config_to_dict(config),
+    }
+    if not claim_output_dir(out, planned):
+        print(f"[prepare] {out} is up to date (fingerprint {planned['fingerprint'][:12]}); nothing to do")
+        return out
+
+    # 2. Tokenize, split, write; the manifest goes last.
+    samples, report = tokenize_examples(examples, tok, config.max_prompt_len, config.max_len,
+                                        config.prompt_overflow)
+    if not samples:
+        raise DataError(f"no samples left out of {len(examples)} examples (dropped: {report['dropped']})")
+    splits = split_samples(samples, config.valid_fraction, config.valid_size, config.seed)
+    tok.save_pretrained(out / "tokenizer")
+    manifest = dict(planned)
+    manifest["splits"] = {name: write_split(out, name, part, config.shard_size) for name, part in splits.items()}
+    manifest["counts"] = {"records": sum(s.records for s in sources), **report,
+                          "splits": {name: len(part) for name, part in splits.items()}}
+    manifest["stats"] = {name: length_stats(part) for name, part in splits.items()}
+    manifest["wall_s"] = round(time.time() - start, 2)
+    finish_output_dir(out, manifest)
+    print_summary(out, manifest)
+    return out
+
+
+def print_summary(out: Path, m: dict) -> None:
+    c = m["counts"]
+    cfg = m["config"]
+    print(f"[prepare] {out}: {c['records']:,} records from {len(m['sources'])} source(s) -> {c['examples']:,} "
+          f"examples, {c['kept']:,} samples (tokenizer {m['tokenizer']['spec']}, {m['tokenizer']['size']:,} tokens, "
+          f"fingerprint {m['tokenizer']['fingerprint'][:12]})")
+    for s in m["sources"]:
+        print(f"  source {s['spec']}: {s['format']}, {s['records']:,} records, sha256 {s['sha256'][:12]}")
+    print(f"  truncated: {c['truncated']['prompt']:,} prompts (to {cfg['max_prompt_len']} tokens, "
+          f"{cfg['prompt_overflow']}), {c['truncated']['response']:,} responses (to {cfg['max_len']} in total)")
+    print("  dropped: " + (", ".join(f"{n:,} {why}" for why, n in c["dropped"].items() if n) or "none"))
+    for name, entry in m["splits"].items():
+        print(f"  {name}: {entry['samples']:,} samples, {entry['tokens']:,} tokens, {len(entry['shards'])} shard(s)")
+        for part, st in m["stats"][name].items():
+            print(f"    {part:<8} tokens  min {st['min']:>4}  mean {st['mean']:>6}  median {st['median']:>6}  "
+                  f"p95 {st['p95']:>6}  max {st['max']:>4}")
+    print(f"  done in {m['wall_s']} s; manifest {out / 'manifest.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse_config(PrepareConfig, argv))
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"[prepare] error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
