@@ -7,8 +7,10 @@ than one that learns the content, and a tiny OPT learns most of it in minutes on
 
 Specs: `builtin` / `builtin:train` (3,000 records) and `builtin:test` (300 records). Test prompts avoid the training
 prompts wherever a family has room for new ones; the lookup families (capitals, antonyms, animals) have few
-distinct questions, so there the test split asks about facts the training split taught. Changing what is generated must bump BUILTIN_VERSION: prepared folders and the
-`builtin-tiny` tokenizer cache are keyed by it.
+distinct questions, so there the test split asks about facts the training split taught.
+
+Prepared folders and the `builtin-tiny` tokenizer cache are keyed by the generated records themselves, so a
+change here invalidates them; bump BUILTIN_VERSION as well to say so in manifests.
 """
 from __future__ import annotations
 

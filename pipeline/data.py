@@ -175,8 +175,8 @@ def claim_output_dir(out: Path, planned: dict) -> bool:
             if missing or not (out / "tokenizer").is_dir():
                 raise FileNotFoundError(f"{out} is damaged: {missing or ['tokenizer/']} missing; remove it and rerun")
             return False
-        raise FileExistsError(f"{out} already holds prepared data from other inputs ({describe_difference(old, planned)}); "
-                              f"choose a new --out or remove it")
+        raise FileExistsError(f"{out} already holds prepared data from other inputs "
+                              f"({describe_difference(old, planned)}); choose a new --out or remove it")
     if out.exists() and any(out.iterdir()):
         if not (out / INCOMPLETE).exists():
             raise FileExistsError(f"{out} exists, is not empty and is not a prepared-data folder (no manifest.json); "

@@ -180,7 +180,10 @@ def _rows_to_examples(spec: str, rows: list[dict], keys_per_row: list[set[str]],
                       field_map: dict[str, str]) -> tuple[str, list[Example]]:
     if not rows:
         raise DataError(f"{spec}: no records (the dataset is empty)")
-    fmt = _detect_format(keys_per_row[0], field_map)
+    try:
+        fmt = _detect_format(set().union(*keys_per_row), field_map)
+    except DataError as e:
+        raise DataError(f"{spec}: {e}") from None
     examples: list[Example] = []
     for row, keys, where in zip(rows, keys_per_row, wheres):
         examples.extend(_examples_from_row(row, keys, fmt, field_map, where))

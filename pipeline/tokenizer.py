@@ -99,7 +99,8 @@ def builtin_tiny(vocab_size: int = TINY_VOCAB_SIZE) -> PreTrainedTokenizerBase:
     import tokenizers
 
     corpus = _tiny_corpus()
-    key = sha256_json({"format": _TINY_FORMAT, "corpus": corpus, "vocab_size": vocab_size, "tokenizers": tokenizers.__version__})[:16]
+    key = sha256_json({"format": _TINY_FORMAT, "corpus": corpus, "vocab_size": vocab_size,
+                       "tokenizers": tokenizers.__version__})[:16]
     target = cache_dir() / "tokenizers" / f"builtin-tiny-{key}"
     if not (target / "tokenizer_config.json").is_file():
         tok = train_tiny_tokenizer(corpus, vocab_size)

@@ -2,8 +2,9 @@
 
 Usage:
     ./run.sh prepare --data builtin --out runs/builtin --tokenizer builtin-tiny --valid_size 200
-    ./run.sh prepare --data ../shared/data/instruct/dolly_train_part1.jsonl ../shared/data/instruct/dolly_train_part2.jsonl \\
-        --out runs/dolly --tokenizer builtin-gpt2 --valid_fraction 0.02
+    D=../shared/data/instruct
+    ./run.sh prepare --data $D/dolly_train_part1.jsonl $D/dolly_train_part2.jsonl --out runs/dolly \\
+        --tokenizer builtin-gpt2 --valid_fraction 0.02
     ./run.sh prepare --data my.jsonl --fields instruction=question output=answer --out runs/mine
     ./run.sh prepare --config prepare.yaml
 

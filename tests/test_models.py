@@ -17,7 +17,8 @@ def tok():
 
 @pytest.fixture(scope="module")
 def batch(tok):
-    enc = tok(["The capital of Peru is Lima, and Lima is a large city.", "Sort: 3, 1"], padding=True, return_tensors="pt")
+    texts = ["The capital of Peru is Lima, and Lima is a large city.", "Sort: 3, 1"]
+    enc = tok(texts, padding=True, return_tensors="pt")
     assert (enc["attention_mask"] == 0).any()  # the batch really has padding
     return enc["input_ids"], enc["attention_mask"]
 
