@@ -7,8 +7,8 @@ the run was killed and resumed: a rerun keeps every unit whose shard and sidecar
 """
 from __future__ import annotations
 
-import json
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -16,15 +16,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-try:  # TEMP until pipeline/data.py lands
-    from pipeline.data import collate_batch
-except ImportError:
-    collate_batch = None
+from pipeline.data import collate_batch
 from safetensors import safe_open
 
 from pipeline.feature_store import (
     FORMAT_VERSION, KIND, LM_HEAD_FILE, LOWRANK_FILE, MANIFEST, PLAN, SHARD_DIR, TOKEN_RULE, Layer,
-    StoreError, layer_key, parse_layer, save_tensors, shard_file, sidecar_file, write_shard,
+    StoreError, layer_key, parse_layer, read_metadata, save_tensors, shard_file, sidecar_file, write_shard,
 )
 from pipeline.io import read_json, sha256_file, sha256_json, write_json_atomic
 from pipeline.models import capture_hidden_states
@@ -254,6 +251,21 @@ def write_unit(out: Path, unit: int, result: dict[str, Any], plan_fp: str, lowra
         raise StoreError(f"cannot write {out / sidecar_file(unit)}: {e.strerror or e}") from e
 
 
+def cache_units(model: Any, dataset: Any, out: Path, units: Sequence[tuple[int, int]], todo: Sequence[int], *,
+                plan_fp: str, lowrank_sha: str | None, **unit_kwargs: Any) -> None:
+    """Compute and write the units `todo`; writing and hashing one shard overlaps the teacher's next unit (one
+    shard in memory waiting at most, so memory stays at two units' features)."""
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: Future | None = None
+        for u in todo:
+            result = compute_unit(model, dataset, *units[u], **unit_kwargs)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write_unit, out, u, result, plan_fp, lowrank_sha)
+        if pending is not None:
+            pending.result()
+
+
 def unit_done(out: Path, unit: int, plan_fp: str, lowrank_sha: str | None) -> bool:
     """True when the unit's shard is complete, belongs to this plan and hashes to what its sidecar says."""
     side, path = out / sidecar_file(unit), out / shard_file(unit)
@@ -385,7 +397,7 @@ def finalize_store(out: Path, plan: dict[str, Any], *, config: dict[str, Any], w
     dims = {layer: {"d": d["d"], "stored": d["d"]} for layer, d in info["dims"].items()}
     if manifest["lowrank"]:
         with safe_open(str(out / LOWRANK_FILE), framework="pt") as f:
-            report = json.loads(f.metadata()["report"])
+            report = read_metadata(f)["report"]
         for layer, (total, kept) in energy.items():
             report[layer]["energy_store"] = kept / total if total else 1.0
         for layer, r in report.items():

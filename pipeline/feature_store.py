@@ -21,6 +21,7 @@ about a third of the read itself and catches the same corruption where it matter
 """
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from pathlib import Path
@@ -111,7 +112,7 @@ def write_shard(
         t = t.contiguous()
         out[name] = t
         out[f"crc.{name}"] = torch.tensor([crc32(t[bounds[i] : bounds[i + 1]]) for i in range(n)], dtype=torch.int64)
-    meta = {"format": SHARD_FORMAT, **metadata, "index_crc": str(_index_crc(sample_ids, offsets))}
+    meta = _metadata({"format": SHARD_FORMAT, **metadata, "index_crc": str(_index_crc(sample_ids, offsets))})
     try:
         with atomic_path(path) as tmp:
             save_file(out, str(tmp), metadata=meta)
@@ -119,12 +120,24 @@ def write_shard(
         raise StoreError(f"cannot write {path}: {e}") from e
 
 
-def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Atomic safetensors write for the store's side files (low-rank bases, LM head)."""
+def _metadata(info: dict[str, Any]) -> dict[str, str]:
+    """safetensors metadata as ONE key holding sorted JSON: the library writes several keys in a per-process random
+    order, which would make identical shards hash differently from run to run."""
+    return {"geokd": json.dumps(info, sort_keys=True)}
+
+
+def read_metadata(handle: Any) -> dict[str, Any]:
+    """The geokd metadata of an open safetensors file ({} when it has none)."""
+    raw = (handle.metadata() or {}).get("geokd")
+    return json.loads(raw) if raw else {}
+
+
+def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any] | None = None) -> None:
+    """Atomic safetensors write for the store's side files (low-rank bases, LM head); bytes depend on content only."""
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=_metadata(metadata or {}))
     except Exception as e:
         raise StoreError(f"cannot write {path}: {e}") from e
 
@@ -140,12 +153,12 @@ def _open(path: Path) -> Any:
                          f"{path.parent.parent}` and recompute it") from e
 
 
-def read_shard_index(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, str]]:
+def read_shard_index(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
     """A shard's sample_ids, offsets, per-sample CRCs and metadata, after structural checks (error names the shard)."""
     path = Path(path)
     f = _open(path)
     try:
-        meta = f.metadata() or {}
+        meta = read_metadata(f)
         if meta.get("format") != SHARD_FORMAT:
             raise StoreError(f"{path}: not a geokd feature shard (format {meta.get('format')!r})")
         sample_ids, offsets = f.get_tensor("sample_ids"), f.get_tensor("offsets")

@@ -80,6 +80,15 @@ def test_round_trip_by_sample_id_across_shards(tmp_path):
     assert torch.equal(clone.get(sid)[2], store.get(sid)[2])
 
 
+def test_identical_content_gives_identical_bytes(tmp_path):
+    # Shard checksums are how resume and multi-rank runs prove equality, so bytes must depend on content only.
+    t = {"feat.2": torch.randn(5, 3).bfloat16(), "feat.final": torch.randn(5, 3)}
+    for name in ("a", "b"):
+        write_shard(tmp_path / name, sample_ids=torch.tensor([4, 9]), offsets=torch.tensor([0, 2, 5]), tensors=t,
+                    metadata={"unit": "0", "plan": "p", "more": "x"})
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes()
+
+
 def test_plan_units_and_length_batches_are_partitions():
     lengths = np.array([5, 1, 9, 3, 3, 7, 2, 8, 1, 4])
     units = fc.plan_units(lengths, 10)
