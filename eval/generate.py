@@ -27,6 +27,7 @@ class GenerationSettings:
     top_k: int = 0
     top_p: float = 1.0
     no_repeat_ngram_size: int = 6
+    min_new_tokens: int = 0  # not part of the protocol; lets a benchmark make every row do equal work
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ def generate_batch(model: Any, tokenizer: Any, batch: Sequence[EncodedPrompt], s
         num_beams=1,
         no_repeat_ngram_size=settings.no_repeat_ngram_size,
         repetition_penalty=1.0,
+        min_new_tokens=settings.min_new_tokens,
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
         use_cache=True,
@@ -184,13 +186,13 @@ def generate_batch(model: Any, tokenizer: Any, batch: Sequence[EncodedPrompt], s
 
 
 def generate_all(model: Any, tokenizer: Any, batches: Sequence[Sequence[EncodedPrompt]], settings: GenerationSettings,
-                 seed: int | None, rank: int = 0, world_size: int = 1, progress: bool = False) -> list[dict[str, Any]]:
-    """Generate this rank's share of `batches` (batch i goes to rank i mod world_size)."""
+                 seed: int | None, rank: int = 0, world_size: int = 1, progress: str = "") -> list[dict[str, Any]]:
+    """Generate this rank's share of `batches` (batch i goes to rank i mod world_size); `progress` labels a bar."""
     mine = [b for i, b in enumerate(batches) if i % world_size == rank]
     if progress:
         from tqdm import tqdm
 
-        mine = tqdm(mine, desc=f"seed {seed}" if seed is not None else "greedy", leave=False)
+        mine = tqdm(mine, desc=progress, leave=False)
     records: list[dict[str, Any]] = []
     for batch in mine:
         records.extend(generate_batch(model, tokenizer, batch, settings, seed))

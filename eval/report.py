@@ -99,9 +99,12 @@ def write_reports(out: Path, results: dict[str, dict[str, dict[str, Any]]], mode
     write_json_atomic(scores_path, merged)
 
     table = markdown_table(merged["results"])
-    note = (f"\nROUGE-L (x100), mean ± std (population) over seeds; max {protocol['max_new_tokens']} new tokens, "
-            f"prompts <= {protocol['max_prompt_length']} tokens, no_repeat_ngram_size "
-            f"{protocol['no_repeat_ngram_size']}, {protocol['dtype']}.\n")
+    runs = sorted({f"{r['mode']} ({', '.join(r['per_seed'])})" for per_bench in merged["results"].values()
+                   for r in per_bench.values()})
+    note = (f"\nROUGE-L (x100), mean ± std (population) over {'; '.join(runs)}; "
+            f"max {protocol['max_new_tokens']} new tokens, prompts <= {protocol['max_prompt_length']} tokens, "
+            f"no_repeat_ngram_size {protocol['no_repeat_ngram_size']}, {protocol['dtype']}"
+            f"{', first %d samples per set' % protocol['max_samples'] if protocol['max_samples'] else ''}.\n")
     with atomic_path(out / "scores.md") as tmp:
         tmp.write_text(table + note, encoding="utf-8")
     if len(merged["results"]) > 1:

@@ -74,17 +74,20 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_model_and_tokenizer(model_dir: str, tokenizer_dir: str, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer_for(model_dir: str, tokenizer_dir: str = ""):
+    from transformers import AutoTokenizer
 
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model {model_dir}: not a Hugging Face model directory (no config.json)")
-    tok_path = tokenizer_dir or model_dir
+    path = tokenizer_dir or model_dir
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"no usable tokenizer in {tok_path} ({e}); pass --tokenizer DIR") from e
+        raise ConfigError(f"no usable tokenizer in {path} ({e}); pass --tokenizer DIR") from e
+
+
+def load_model_and_tokenizer(model_dir: str, tokenizer_dir: str, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer_for(model_dir, tokenizer_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
     return model.to(device).eval(), tokenizer
 
@@ -178,17 +181,42 @@ def _summary(folder: Path, bench: Benchmark, config: EvalConfig) -> dict[str, An
         with open(path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]
         tokens.extend(r["new_tokens"] for r in rows)
-        truncated = sum(1 for r in rows if r["prompt_truncated"])
+        truncated = sum(1 for r in rows if r["prompt_truncated"])  # the same prompts in every seed
     result = aggregate(per_seed)
     result.update(mode="greedy" if config.greedy else "sampling", source=bench.source,
                   mean_new_tokens=sum(tokens) / len(tokens), prompts_truncated=truncated)
     return result
 
 
+def _plan(config: EvalConfig, names: list[str], benches: list[Benchmark], protocol: dict[str, Any],
+          out: Path) -> dict[str, dict[str, list[int | None]]]:
+    """Check what is already in `out` against this run and list the passes still to generate, per model and set."""
+    _check_record(out / "protocol.json", protocol, "generation protocol", (out / "generations").exists())
+    pending: dict[str, dict[str, list[int | None]]] = {}
+    for model_dir, name in zip(config.models, names):
+        tokenizer = load_tokenizer_for(model_dir, config.tokenizer)
+        model_fp = model_dir_fingerprint(Path(model_dir))
+        for bench in benches:
+            folder = out / "generations" / name / bench.name
+            identity = {"model_fingerprint": model_fp, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                        "data_fingerprint": bench.fingerprint, "n_samples": len(bench.samples)}
+            # The model's path is recorded but not compared: a moved checkpoint is still the same model.
+            _check_record(folder / "identity.json", {**identity, "model": str(Path(model_dir).resolve()),
+                          "source": bench.source}, "model, tokenizer or data", any(folder.glob("*.jsonl")),
+                          compare=identity)
+            runs = [seed for seed in config.runs() if not _run_file(folder, seed).exists()]
+            if runs:
+                pending.setdefault(name, {})[bench.name] = runs
+    return pending
+
+
 def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
-    """Score every model on every benchmark; returns {"results": {model: {set: summary}}, ...} (rank 0's view)."""
+    """Score every model on every benchmark; returns scores.json's content (on rank 0; {} on other ranks)."""
     if not config.models:
         raise ConfigError("models: give at least one model directory (--models DIR [DIR ...])")
+    for model_dir in config.models:
+        if not (Path(model_dir) / "config.json").is_file():
+            raise ConfigError(f"model {model_dir}: not a Hugging Face model directory (no config.json)")
     info = dist_info()
     started_dist = _init_distributed(info.world_size)
     device = pick_device(info.local_rank)
@@ -206,30 +234,22 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     )
     protocol = {**settings.__dict__, "dtype": str(dtype).removeprefix("torch."), "max_samples": config.max_samples,
                 "field_map": config.fields(), "metric": "rougeL F1 x100, rouge_score stemmer, max over references"}
-    if info.is_main:
-        _check_record(out / "protocol.json", protocol, "generation protocol", (out / "generations").exists())
+    del protocol["min_new_tokens"]
 
     t0 = time.time()
-    for model_dir, name in zip(config.models, names):
-        model = tokenizer = None
-        pending: dict[str, list[int | None]] = {}
-        if info.is_main:
-            from transformers import AutoTokenizer
+    # Rank 0 alone reads and writes the output folder; the other ranks learn the plan, or its error, from it.
+    plan: dict[str, Any] = {}
+    if info.is_main:
+        try:
+            plan = {"pending": _plan(config, names, benches, protocol, out)}
+        except (ConfigError, ValueError, OSError) as e:
+            plan = {"error": e}
+    plan = _broadcast(plan, info.world_size)
+    if "error" in plan:
+        raise plan["error"]
 
-            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or model_dir, local_files_only=True)
-            for bench in benches:
-                folder = out / "generations" / name / bench.name
-                runs = [s for s in config.runs() if not _run_file(folder, s).exists()]
-                identity = {"model_fingerprint": model_dir_fingerprint(Path(model_dir)),
-                            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                            "data_fingerprint": bench.fingerprint, "n_samples": len(bench.samples)}
-                # The model's path is recorded but not compared: a moved checkpoint is still the same model.
-                _check_record(folder / "identity.json", {**identity, "model": str(Path(model_dir).resolve()),
-                              "source": bench.source}, "model, tokenizer or data", any(folder.glob("*.jsonl")),
-                              compare=identity)
-                if runs:
-                    pending[bench.name] = runs
-        pending = _broadcast(pending, info.world_size)
+    for model_dir, name in zip(config.models, names):
+        pending = plan["pending"].get(name)
         if not pending:
             continue
         model, tokenizer = load_model_and_tokenizer(model_dir, config.tokenizer, dtype, device)
@@ -240,24 +260,26 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                                      config.max_prompt_length, config.prompt_truncation)
             batches = plan_batches(encoded, config.batch_size)
             for seed in pending[bench.name]:
+                label = "greedy" if seed is None else f"seed {seed}"
                 t = time.time()
                 mine = generate_all(model, tokenizer, batches, settings, seed, info.rank, info.world_size,
-                                    progress=progress and info.is_main)
+                                    progress=f"{name}/{bench.name} {label}" if progress and info.is_main else "")
                 records = _gather(mine, info.world_size)
                 if info.is_main:
-                    path = _run_file(out / "generations" / name / bench.name, seed)
-                    scores = _write_run(path, bench, records, seed)
-                    label = "greedy" if seed is None else f"seed {seed}"
+                    scores = _write_run(_run_file(out / "generations" / name / bench.name, seed), bench, records,
+                                        seed)
                     print(f"[eval] {name} / {bench.name} / {label}: ROUGE-L {sum(scores) / len(scores):.2f} "
                           f"({len(scores)} samples, {time.time() - t:.1f}s)", flush=True)
         del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     results: dict[str, Any] = {}
     if info.is_main:
-        results = {name: {b.name: _summary(out / "generations" / name / b.name, b, config) for b in benches}
-                   for name in names}
+        summaries = {name: {b.name: _summary(out / "generations" / name / b.name, b, config) for b in benches}
+                     for name in names}
         model_paths = {name: str(Path(p).resolve()) for name, p in zip(names, config.models)}
-        results = write_reports(out, results, model_paths, protocol, wall_s=time.time() - t0)
+        results = write_reports(out, summaries, model_paths, protocol, wall_s=time.time() - t0)
     if info.world_size > 1:
         torch.distributed.barrier()
         if started_dist:
