@@ -1,0 +1,167 @@
+"""DeepSpeed configs: read a `ds_configs/*.json`, fill its "auto" values from the training config, check the rest.
+
+The shipped JSONs say what differs between setups (ZeRO stage, offload, precision) and leave every value the
+training config owns as "auto": batch sizes, clipping, optimizer hyper-parameters, precision when not pinned,
+bucket sizes that scale with the model width. A user's own JSON may set those explicitly; an explicit value
+that contradicts the training config is an error naming the file and the key, never a silent winner.
+The learning-rate schedule is the training config's (warmup + cosine, built in pipeline/training.py); a JSON
+"scheduler" block is refused rather than half-honoured.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import ConfigError
+
+AUTO = "auto"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What the training config decides about the engine; the JSON's "auto" values are filled from these."""
+
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+    grad_clip: float
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    precision: str  # auto | fp32 | bf16 | fp16
+    hidden_size: int  # the student's width, for ZeRO bucket sizes
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read DeepSpeed config {path}: {e.strerror}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def _default_precision() -> str:
+    # bf16 where the hardware has it (no loss scaling to tune); fp32 on CPUs, where DeepSpeed's half paths are slow
+    # and the tests compare trajectories.
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def _fill(where: dict[str, Any], key: str, value: Any, origin: str, check: bool = True) -> None:
+    """Set an "auto" (or absent) key; an explicit value must agree with the training config when `check`."""
+    current = where.get(key, AUTO)
+    if current == AUTO:
+        where[key] = value
+    elif check and current != value:
+        raise ConfigError(
+            f"{origin}: {key} = {current!r} contradicts the training config ({value!r}); set it to \"auto\" or "
+            f"change the training option instead"
+        )
+
+
+def resolve_ds_config(raw: dict[str, Any], settings: EngineSettings, origin: str = "ds_config") -> dict[str, Any]:
+    """A complete DeepSpeed config: "auto" filled from `settings`, explicit values checked against them."""
+    cfg = copy.deepcopy(raw)
+    s = settings
+    if "scheduler" in cfg:
+        raise ConfigError(
+            f"{origin}: remove the \"scheduler\" block; the schedule (warmup + cosine) comes from the training "
+            f"config's lr / warmup_steps / warmup_ratio / min_lr_ratio"
+        )
+    _fill(cfg, "train_micro_batch_size_per_gpu", s.micro_batch_size, origin)
+    _fill(cfg, "gradient_accumulation_steps", s.grad_accum, origin)
+    _fill(cfg, "train_batch_size", s.micro_batch_size * s.grad_accum * s.world_size, origin)
+    _fill(cfg, "gradient_clipping", s.grad_clip, origin)
+    _fill(cfg, "steps_per_print", 10**12, origin, check=False)  # progress is ours (tqdm, TensorBoard)
+
+    zero = cfg.setdefault("zero_optimization", {"stage": 0})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{origin}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    offload_opt = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    zorigin = f"{origin}: zero_optimization"
+    h = s.hidden_size
+    # The widths-based defaults Hugging Face's integration uses: buckets of about one h x h matrix.
+    _fill(zero, "reduce_bucket_size", h * h, zorigin, check=False)
+    _fill(zero, "allgather_bucket_size", max(h * h, 5 * 10**7), zorigin, check=False)
+    _fill(zero, "overlap_comm", torch.cuda.is_available(), zorigin, check=False)  # gloo gains nothing from it
+    if stage == 3:
+        _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * h * h), zorigin, check=False)
+        _fill(zero, "stage3_param_persistence_threshold", 10 * h, zorigin, check=False)
+
+    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
+        raise ConfigError(f"{origin}: optimizer.type {opt.get('type')!r}: this pipeline trains with AdamW")
+    params = opt.setdefault("params", {})
+    porigin = f"{origin}: optimizer.params"
+    _fill(params, "lr", s.lr, porigin)
+    _fill(params, "betas", list(s.betas), porigin)
+    if isinstance(params.get("betas"), tuple):
+        params["betas"] = list(params["betas"])
+    _fill(params, "eps", s.eps, porigin)
+    _fill(params, "weight_decay", s.weight_decay, porigin)
+    # torch's AdamW needs no JIT build (DeepSpeed's CPU/fused Adam kernels compile for ~45 s); ZeRO-Offload wants
+    # DeepSpeedCPUAdam, which DeepSpeed insists on for offloaded optimizer states.
+    _fill(params, "torch_adam", not offload_opt, porigin, check=False)
+
+    precision = s.precision if s.precision != AUTO else None
+    pinned = [p for p in ("bf16", "fp16") if cfg.get(p, {}).get("enabled") is True]
+    explicit_fp32 = all(cfg.get(p, {}).get("enabled") is False for p in ("bf16", "fp16"))
+    if len(pinned) > 1:
+        raise ConfigError(f"{origin}: bf16 and fp16 are both enabled; pick one")
+    json_precision = pinned[0] if pinned else ("fp32" if explicit_fp32 else None)
+    if precision and json_precision and precision != json_precision:
+        raise ConfigError(f"{origin}: the JSON pins precision {json_precision}, the training config asks for "
+                          f"{precision}; use a config with \"enabled\": \"auto\" or drop --precision")
+    chosen = precision or json_precision or _default_precision()
+    if chosen not in PRECISIONS[1:]:
+        raise ConfigError(f"precision {chosen!r}: choose one of {', '.join(PRECISIONS)}")
+    for p in ("bf16", "fp16"):
+        block = cfg.setdefault(p, {})
+        block["enabled"] = chosen == p
+    if not cfg["fp16"]["enabled"]:
+        cfg.pop("fp16")  # DeepSpeed validates the loss-scale fields even when disabled
+    _reject_leftover_auto(cfg, origin)
+    return cfg
+
+
+def _reject_leftover_auto(cfg: Any, origin: str, prefix: str = "") -> None:
+    if isinstance(cfg, dict):
+        for k, v in cfg.items():
+            _reject_leftover_auto(v, origin, f"{prefix}{k}.")
+    elif isinstance(cfg, list):
+        for i, v in enumerate(cfg):
+            _reject_leftover_auto(v, origin, f"{prefix}{i}.")
+    elif cfg == AUTO:
+        raise ConfigError(f"{origin}: {prefix[:-1]} is \"auto\" but this pipeline has no value for it; set it")
+
+
+def zero_stage(cfg: dict[str, Any]) -> int:
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def precision_of(cfg: dict[str, Any]) -> str:
+    if cfg.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if cfg.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

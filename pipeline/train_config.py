@@ -1,0 +1,148 @@
+"""The `train` stage's configuration (`./run.sh train ...`), its checks, and the parsed layer map."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.config import ConfigError
+from pipeline.ds_config import PRECISIONS
+
+MODES = ("sft", "distill")
+FEATURE_LOSS_NAMES = ("procrustes", "fg", "cka", "proj_mse", "none")
+KD_SOURCES = ("auto", "final", "topk", "none")
+TEACHER_MODES = ("auto", "stored", "online")
+
+# Fields that may change between a run and its --resume without changing what is trained.
+RESUME_FREE_FIELDS = frozenset({
+    "resume", "stop_after", "nproc", "local_rank", "num_workers", "prefetch_factor", "progress", "log_every",
+    "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples", "valid_features",
+})
+
+
+@dataclass
+class TrainConfig:
+    mode: str = field(default="sft", metadata={"help": "sft (cross-entropy only) or distill"})
+    data: str = field(default="", metadata={"help": "prepared data folder (./run.sh prepare --out)"})
+    student: str = field(default="", metadata={"help": "model directory or preset:NAME to train"})
+    out: str = field(default="", metadata={"help": "run folder: checkpoints, TensorBoard, consolidated model/"})
+    teacher: str = field(default="", metadata={
+        "help": "teacher model dir/preset: required for --teacher_mode online; with stored features, only checked "
+                "against the store's teacher fingerprint"})
+    features: str = field(default="", metadata={"help": "feature store of the train split (./run.sh cache)"})
+    valid_features: str = field(default="", metadata={
+        "help": "feature store of the validation split, for D_P / D_FG / D_CKA on validation (optional)"})
+    teacher_mode: str = field(default="auto", metadata={
+        "help": "stored (stream --features), online (teacher forward each step) or auto (stored if --features)"})
+    loss: str = field(default="procrustes", metadata={"help": "feature loss: procrustes, fg, cka, proj_mse, none"})
+    alpha: float = field(default=0.5, metadata={"help": "KD weight a in (1-a) CE + a KD + b sum_l w_l D(l)"})
+    beta: float = field(default=1.0, metadata={"help": "feature-loss weight b"})
+    layer_map: list[str] = field(default_factory=list, metadata={
+        "help": "student:teacher hidden-state pairs, e.g. 1:2 2:4; default: n_layer_pairs spaced over depth"})
+    layer_weights: list[float] = field(default_factory=list, metadata={
+        "help": "w_l per pair (default 1/n_pairs each)"})
+    n_layer_pairs: int = field(default=2, metadata={"help": "pairs of the default layer map"})
+    kd: str = field(default="auto", metadata={
+        "help": "KD source: final (exact logits from the stored final state), topk, none, auto (final if stored, "
+                "else topk, else none when alpha is 0)"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "KD temperature"})
+    ds_config: str = field(default="ds_configs/zero2.json", metadata={"help": "DeepSpeed JSON (ds_configs/)"})
+    precision: str = field(default="auto", metadata={
+        "help": "fp32, bf16, fp16, or auto (the JSON's choice; else bf16 on a GPU, fp32 on CPU)"})
+    micro_batch_size: int = field(default=4, metadata={"help": "samples per rank per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    adam_beta1: float = field(default=0.9)
+    adam_beta2: float = field(default=0.999)
+    adam_eps: float = field(default=1e-8)
+    warmup_steps: int = field(default=-1, metadata={"help": "linear warmup steps; -1: warmup_ratio of the run"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "warmup fraction when warmup_steps is -1"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to lr * min_lr_ratio"})
+    grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0: off)"})
+    epochs: int = field(default=1, metadata={"help": "passes over the train split (when max_steps is 0)"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps of the whole run (0: from epochs)"})
+    seed: int = field(default=0, metadata={"help": "seed of preset weights, projections, data order, dropout"})
+    activation_checkpointing: bool = field(default=True, metadata={"help": "recompute layer activations in backward"})
+    train_split: str = field(default="train")
+    valid_split: str = field(default="valid", metadata={"help": "validation split ('' to skip validation)"})
+    eval_every: int = field(default=0, metadata={"help": "validate every N steps (0: at the end only)"})
+    eval_samples: int = field(default=256, metadata={"help": "validation samples used (0: all)"})
+    log_every: int = field(default=1, metadata={"help": "TensorBoard/metrics.jsonl every N steps"})
+    checkpoint_every: int = field(default=200, metadata={"help": "DeepSpeed checkpoint every N steps (0: end only)"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept (0: all)"})
+    stop_after: int = field(default=0, metadata={
+        "help": "end this invocation after N optimizer steps, with a checkpoint (for job time limits); "
+                "--resume continues; the schedule still spans the whole run"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
+    num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank"})
+    prefetch_factor: int = field(default=4, metadata={"help": "batches each worker prepares ahead"})
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bar on rank 0"})
+    nproc: int = field(default=1, metadata={
+        "help": "ranks on this machine: >1 relaunches the stage under torchrun (skip when you launch yourself)"})
+    local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher; LOCAL_RANK is used"})
+
+
+def parse_layer_map(items: list[str]) -> list[tuple[int, int]] | None:
+    """`["1:2", "2:4"]` -> [(1, 2), (2, 4)]; an empty list means the default map."""
+    if not items:
+        return None
+    pairs = []
+    for item in items:
+        parts = str(item).replace(",", ":").split(":")
+        try:
+            s, t = (int(p) for p in parts)
+        except ValueError:
+            raise ConfigError(f"--layer_map {item!r}: expected STUDENT:TEACHER hidden-state indices, e.g. 2:4") from None
+        pairs.append((s, t))
+    return pairs
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Reject unusable option combinations up front, naming the option."""
+    for name in ("data", "student", "out"):
+        if not getattr(cfg, name):
+            raise ConfigError(f"--{name} is required")
+    choices = (("mode", MODES), ("loss", FEATURE_LOSS_NAMES), ("kd", KD_SOURCES),
+               ("teacher_mode", TEACHER_MODES), ("precision", PRECISIONS))
+    for name, allowed in choices:
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    for name in ("micro_batch_size", "grad_accum", "epochs", "nproc", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("max_steps", "stop_after", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples",
+                 "num_workers", "grad_clip", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise ConfigError(f"--alpha {cfg.alpha}: must be in [0, 1]")
+    if cfg.beta < 0:
+        raise ConfigError(f"--beta {cfg.beta}: must be >= 0")
+    if cfg.kd_temperature <= 0:
+        raise ConfigError(f"--kd_temperature {cfg.kd_temperature}: must be > 0")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0 or not 0.0 <= cfg.warmup_ratio < 1.0:
+        raise ConfigError("--min_lr_ratio must be in [0, 1] and --warmup_ratio in [0, 1)")
+    if cfg.lr <= 0:
+        raise ConfigError(f"--lr {cfg.lr}: must be > 0")
+    pairs = parse_layer_map(cfg.layer_map)
+    if cfg.layer_weights and len(cfg.layer_weights) != len(pairs or [None] * cfg.n_layer_pairs):
+        raise ConfigError(f"--layer_weights has {len(cfg.layer_weights)} values for "
+                          f"{len(pairs or [None] * cfg.n_layer_pairs)} layer pairs")
+    if cfg.mode == "sft":
+        return
+    if cfg.teacher_mode == "stored" and not cfg.features:
+        raise ConfigError("--teacher_mode stored needs --features (a store from ./run.sh cache)")
+    if cfg.teacher_mode == "online" and not cfg.teacher:
+        raise ConfigError("--teacher_mode online needs --teacher")
+    if cfg.teacher_mode == "auto" and not (cfg.features or cfg.teacher):
+        raise ConfigError("--mode distill needs --features (stored teacher features) or --teacher (online teacher)")
+    if cfg.alpha == 0 and (cfg.beta == 0 or cfg.loss == "none"):
+        raise ConfigError("--mode distill with --alpha 0 and no feature loss is SFT; use --mode sft")
+
+
+def teacher_mode(cfg: TrainConfig) -> str:
+    """The resolved teacher mode: "none" (sft), "stored" or "online"."""
+    if cfg.mode == "sft":
+        return "none"
+    if cfg.teacher_mode != "auto":
+        return cfg.teacher_mode
+    return "stored" if cfg.features else "online"

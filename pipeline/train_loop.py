@@ -1,0 +1,249 @@
+"""The optimizer-step loop of a training run (built by pipeline/training.py), its validation and its logs."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pipeline import checkpointing as ckpt
+from pipeline.config import config_to_dict
+from pipeline.io import atomic_path, write_json_atomic
+from pipeline.models import model_fingerprint
+from pipeline.objective import feature_distances, online_teacher_targets
+from pipeline.train_config import RESUME_FREE_FIELDS
+from pipeline.train_data import StepBatchSampler, eval_batches, make_loader, stored_targets, to_device
+from pipeline.training import Run
+
+_KIND = "geokd.train"
+
+
+class Logger:
+    """TensorBoard + metrics.jsonl on rank 0; a no-op elsewhere."""
+
+    def __init__(self, run: Run, start_step: int) -> None:
+        self.on = run.dist.is_main
+        self.path = run.out / "metrics.jsonl"
+        self.tb = None
+        if not self.on:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        if start_step > 0 and self.path.is_file():  # drop what a killed run logged after its last checkpoint
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in keep))
+        self.tb = SummaryWriter(str(run.out / "tb"), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, split: str, step: int, values: dict[str, float]) -> None:
+        if not self.on:
+            return
+        for k, v in values.items():
+            self.tb.add_scalar(f"{split}/{k}", v, step)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"split": split, "step": step, **values}) + "\n")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _reduce_mean(values: dict[str, float], count: float, world: int, device: torch.device) -> dict[str, float]:
+    """Sum `values` and `count` over ranks; return the sums divided by the total count."""
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys] + [count], dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(t)
+    n = max(float(t[-1]), 1.0)
+    return {k: float(t[i]) / n for i, k in enumerate(keys)}
+
+
+def _all_sum(x: float, world: int, device: torch.device) -> float:
+    if world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t[0])
+
+
+def _targets(run: Run, batch: dict[str, Any], layers: list[int], valid: bool = False) -> dict[str, Any] | None:
+    obj = run.objective
+    if obj.mode == "sft":
+        return None
+    if run.teacher is not None:
+        return online_teacher_targets(run.teacher, batch["input_ids"], batch["attention_mask"], obj, layers)
+    if valid and run.valid_store is None:
+        return None
+    return stored_targets(batch, run.head, layers)
+
+
+def _grad_norm(run: Run) -> float | None:
+    norm = run.engine.get_global_grad_norm()
+    if norm is not None:
+        return float(norm)
+    if run.stage == 0:  # DeepSpeed does not keep the norm it clips with at stage 0: the grads are whole here
+        grads = [p.grad for p in run.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+    return None
+
+
+def train_steps(run: Run, logger: Logger, state: dict[str, int], stop_at: int) -> None:
+    """Optimizer steps until `stop_at`, with checkpoints and validation on schedule."""
+    cfg, eng, obj = run.cfg, run.engine, run.objective
+    layers = obj.teacher_layers
+    bar = tqdm(total=run.total_steps, initial=state["global_step"], desc=f"train[{cfg.mode}]", dynamic_ncols=True,
+               disable=not (run.dist.is_main and cfg.progress), mininterval=1.0)
+    eng.train()
+    while state["global_step"] < stop_at:
+        if state["step_in_epoch"] >= run.steps_per_epoch:
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+        sampler = StepBatchSampler(len(run.train_set), micro_batch_size=cfg.micro_batch_size,
+                                   grad_accum=cfg.grad_accum, world_size=run.dist.world_size, rank=run.dist.rank,
+                                   seed=cfg.seed, epoch=state["epoch"], start_step=state["step_in_epoch"])
+        loader = make_loader(run.train_set, sampler, run.collate, num_workers=cfg.num_workers,
+                             prefetch_factor=cfg.prefetch_factor, pin_memory=run.device.type == "cuda",
+                             seed=cfg.seed * 1_000_003 + state["epoch"])
+        batches = iter(loader)
+        while state["global_step"] < stop_at and state["step_in_epoch"] < run.steps_per_epoch:
+            t0 = time.perf_counter()
+            lr = eng.get_lr()[0]
+            sums: dict[str, float] = {}
+            tokens = 0
+            grad_norm = None
+            for micro in range(cfg.grad_accum):
+                batch = to_device(next(batches), run.device)
+                terms = eng(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            labels=batch["labels"], teacher=_targets(run, batch, layers))
+                eng.backward(terms["loss"])
+                if micro == cfg.grad_accum - 1 and run.stage == 0:
+                    grad_norm = _grad_norm(run)  # before the step zeroes the gradients
+                eng.step()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                tokens += int(batch["attention_mask"].sum())
+            if grad_norm is None:
+                grad_norm = _grad_norm(run)
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            state["tokens"] += tokens
+            step = state["global_step"]
+            values = _reduce_mean(sums, cfg.grad_accum, run.dist.world_size, run.device)
+            all_tokens = _all_sum(float(tokens), run.dist.world_size, run.device)
+            if step % cfg.log_every == 0 or step == stop_at:
+                values["lr"] = lr
+                if grad_norm is not None:
+                    values["grad_norm"] = grad_norm
+                values["tokens_per_s"] = all_tokens / max(time.perf_counter() - t0, 1e-9)
+                logger.log("train", step, values)
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps:
+                logger.log("valid", step, validate(run))
+                eng.train()
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == stop_at:
+                save(run, state)
+        del batches, loader
+    bar.close()
+
+
+def save(run: Run, state: dict[str, int]) -> None:
+    client = {"data_position": dict(state), "world_size": run.dist.world_size,
+              "config": config_to_dict(run.cfg)}
+    ckpt.save_checkpoint(run.engine, run.out / "checkpoints", state["global_step"], client, run.dist,
+                         run.cfg.keep_checkpoints)
+
+
+@torch.no_grad()
+def validate(run: Run) -> dict[str, float]:
+    """Mean loss terms over validation micro-batches, and D_P / D_FG / D_CKA of each mapped layer pair when the
+    teacher's validation features are at hand (online teacher, or --valid_features)."""
+    if run.valid_set is None:
+        return {}
+    cfg, eng, obj = run.cfg, run.engine, run.objective
+    pairs = list(obj.pairs)
+    layers = sorted({t for _, t in pairs})
+    eng.eval()
+    sums: dict[str, float] = {}
+    count = 0.0
+    for positions, counts in eval_batches(len(run.valid_set), cfg.micro_batch_size, run.dist.world_size,
+                                          run.dist.rank, cfg.eval_samples):
+        batch = to_device(run.valid_collate([run.valid_set[p] for p in positions]), run.device)
+        teacher = _targets(run, batch, layers, valid=True)
+        out = eng(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                  teacher=teacher, return_hidden=True, ce_only=teacher is None)
+        values = {k: float(v) for k, v in out.items() if k != "hidden"}
+        if teacher is not None and pairs:
+            dists = feature_distances(out["hidden"], teacher["layers"], batch["attention_mask"], pairs)
+            values.update({k: float(v) for k, v in dists.items()})
+        if counts:
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+    return _reduce_mean(sums, count, run.dist.world_size, run.device)
+
+
+def run_training(run: Run) -> dict[str, Any]:
+    """Resume if asked, train to the end (or --stop_after), validate, consolidate; return the summary."""
+    cfg, dist = run.cfg, run.dist
+    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0}
+    root = run.out / "checkpoints"
+    if cfg.resume and ckpt.latest_tag(root) is not None:
+        tag, client = ckpt.load_checkpoint(run.engine, root, dist)
+        ckpt.check_resume_config(client["config"], config_to_dict(cfg), RESUME_FREE_FIELDS, root / tag)
+        if client["world_size"] != dist.world_size and run.stage > 0:
+            raise RuntimeError(f"{root / tag} was written by {client['world_size']} ranks and ZeRO-{run.stage} "
+                               f"partitions its optimizer state by rank; resume with {client['world_size']} ranks")
+        state.update(client["data_position"])
+        if dist.is_main:
+            print(f"[train] resumed from {root / tag} at step {state['global_step']} (epoch {state['epoch']}, "
+                  f"step {state['step_in_epoch']} of {run.steps_per_epoch})")
+    elif cfg.resume and dist.is_main:
+        print(f"[train] --resume: no checkpoint in {root}, starting from the beginning")
+    logger = Logger(run, state["global_step"])
+    stop_at = run.total_steps if not cfg.stop_after else min(run.total_steps, state["global_step"] + cfg.stop_after)
+    t0 = time.perf_counter()
+    try:
+        train_steps(run, logger, state, stop_at)
+        summary: dict[str, Any] = {"steps": state["global_step"], "total_steps": run.total_steps,
+                                   "finished": state["global_step"] >= run.total_steps}
+        if not summary["finished"]:
+            if dist.is_main:
+                print(f"[train] stopped at step {state['global_step']} of {run.total_steps} (--stop_after); "
+                      f"rerun with --resume to continue")
+            return summary
+        final = validate(run)
+        if final:
+            logger.log("valid", state["global_step"], final)
+        model_dir = run.out / "model"
+        ckpt.save_consolidated(run.engine, run.stage, dist, run.tokenizer, model_dir)
+        summary.update(valid=final, wall_s=time.perf_counter() - t0)
+        if dist.is_main:
+            manifest = {"kind": _KIND, "mode": cfg.mode, "inputs": run.inputs, "config": config_to_dict(cfg),
+                        "world_size": dist.world_size, "zero_stage": run.stage, "tokens": state["tokens"],
+                        "objective": {"pairs": [list(p) for p in run.objective.pairs],
+                                      "weights": list(run.objective.weights), "kd": run.objective.kd,
+                                      "loss": run.objective.loss},
+                        "final_valid": final, "model": {"dir": "model", "fingerprint": model_fingerprint(model_dir)},
+                        **summary}
+            write_json_atomic(run.out / "manifest.json", manifest)
+            print(f"[train] done: {state['global_step']} steps; model in {model_dir}"
+                  + (f"; valid loss {final['loss']:.4f}" if "loss" in final else ""))
+        return summary
+    finally:
+        logger.close()
+
+
+def read_metrics(out: str | Path, split: str = "train") -> dict[int, dict[str, float]]:
+    """metrics.jsonl of a run as {step: values} (the last record of a step wins)."""
+    rows: dict[int, dict[str, float]] = {}
+    for line in Path(out, "metrics.jsonl").read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if rec.pop("split") == split:
+                rows[int(rec.pop("step"))] = rec
+    return rows
