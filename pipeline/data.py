@@ -82,8 +82,8 @@ def tokenize_examples(examples: Sequence[Example], tok: PreTrainedTokenizerBase,
 
 
 def split_samples(samples: list[Sample], valid_fraction: float = 0.0, valid_size: int = 0,
-                  seed: int = 42) -> dict[str, list[Sample]]:
-    """{'train': ..., 'valid': ...} with a seeded random validation set; order within a split is kept."""
+                  seed: int = 42, main: str = "train") -> dict[str, list[Sample]]:
+    """{main: ..., 'valid': ...} with a seeded random validation set; order within a split is kept."""
     if valid_fraction and valid_size:
         raise ValueError("give valid_fraction or valid_size, not both")
     if not 0.0 <= valid_fraction < 1.0:
@@ -92,9 +92,11 @@ def split_samples(samples: list[Sample], valid_fraction: float = 0.0, valid_size
     if n_valid >= len(samples) and n_valid:
         raise ValueError(f"a validation set of {n_valid} leaves no training samples out of {len(samples)}")
     if not n_valid:
-        return {"train": samples}
+        return {main: samples}
+    if main == "valid":
+        raise ValueError("the main split cannot be called 'valid' when a validation set is split off")
     chosen = set(np.random.default_rng(seed).permutation(len(samples))[:n_valid].tolist())
-    return {"train": [s for i, s in enumerate(samples) if i not in chosen],
+    return {main: [s for i, s in enumerate(samples) if i not in chosen],
             "valid": [s for i, s in enumerate(samples) if i in chosen]}
 
 
@@ -177,6 +179,8 @@ def claim_output_dir(out: Path, planned: dict) -> bool:
             return False
         raise FileExistsError(f"{out} already holds prepared data from other inputs "
                               f"({describe_difference(old, planned)}); choose a new --out or remove it")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         if not (out / INCOMPLETE).exists():
             raise FileExistsError(f"{out} exists, is not empty and is not a prepared-data folder (no manifest.json); "

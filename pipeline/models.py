@@ -102,7 +102,7 @@ def model_fingerprint(model_or_dir: PreTrainedModel | str | Path) -> str:
     h = hashlib.sha256(sha256_json(config).encode())
     for name, tensor in sorted(model_or_dir.state_dict().items()):
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

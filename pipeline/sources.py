@@ -228,7 +228,8 @@ def read_builtin(split: str) -> Source:
 def read_hub(name: str, split: str, field_map: dict[str, str] | None = None) -> Source:
     import datasets
 
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+    offline = {os.environ.get(v, "").upper() for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    if offline & {"1", "ON", "YES", "TRUE"}:
         raise DataError(f"{name!r} is not a local file, and this machine is offline (HF_HUB_OFFLINE=1), so it "
                         f"cannot be loaded from the Hugging Face hub; give a local JSONL path or 'builtin'")
     try:
@@ -251,7 +252,7 @@ def read_source(spec: str, field_map: dict[str, str] | None = None, hub_split: s
         if field_map:
             raise DataError("--fields does not apply to the built-in dataset")
         return read_builtin(split)
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.exists() or path.suffix in (".jsonl", ".json") or spec.startswith((".", "/", "~")):
         if not path.exists():
             raise DataError(f"{spec}: no such file")

@@ -2,6 +2,7 @@
 
 Usage:
     ./run.sh prepare --data builtin --out runs/builtin --tokenizer builtin-tiny --valid_size 200
+    ./run.sh prepare --data builtin:test --split test --out runs/builtin_test --tokenizer builtin-tiny
     D=../shared/data/instruct
     ./run.sh prepare --data $D/dolly_train_part1.jsonl $D/dolly_train_part2.jsonl --out runs/dolly \\
         --tokenizer builtin-gpt2 --valid_fraction 0.02
@@ -52,6 +53,7 @@ class PrepareConfig:
     seed: int = field(default=42, metadata={"help": "seed of the validation split"})
     limit: int = field(default=0, metadata={"help": "use only the first N examples (0 = all)"})
     shard_size: int = field(default=20000, metadata={"help": "samples per shard"})
+    split: str = field(default="train", metadata={"help": "name of the main split (e.g. 'test' for an eval set)"})
 
 
 def run(config: PrepareConfig) -> Path:
@@ -59,6 +61,8 @@ def run(config: PrepareConfig) -> Path:
     out = Path(config.out)
     if config.shard_size < 1 or config.limit < 0:
         raise ConfigError("shard_size must be >= 1 and limit >= 0")
+    if not config.split or "/" in config.split or config.split.startswith("."):
+        raise ConfigError(f"split {config.split!r}: give a plain folder name")
 
     # 1. Read every source and the tokenizer: enough to know what this run would produce.
     field_map = parse_field_map(config.fields)
@@ -87,7 +91,7 @@ def run(config: PrepareConfig) -> Path:
                                         config.prompt_overflow)
     if not samples:
         raise DataError(f"no samples left out of {len(examples)} examples (dropped: {report['dropped']})")
-    splits = split_samples(samples, config.valid_fraction, config.valid_size, config.seed)
+    splits = split_samples(samples, config.valid_fraction, config.valid_size, config.seed, config.split)
     tok.save_pretrained(out / "tokenizer")
     manifest = dict(planned)
     manifest["splits"] = {name: write_split(out, name, part, config.shard_size) for name, part in splits.items()}

@@ -232,9 +232,11 @@ def test_cli_reports_bad_data_and_prints_a_summary(tmp_path, capsys):
     assert main(["--data", str(bad), "--out", str(tmp_path / "o"), "--tokenizer", "builtin-tiny"]) == 2
     assert "bad.jsonl:2: record has no field 'output'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    assert main(["--data", "builtin:test", "--out", str(tmp_path / "t"), "--tokenizer", "builtin-tiny"]) == 0
+    assert main(["--data", "builtin:test", "--split", "test", "--out", str(tmp_path / "t"),
+                 "--tokenizer", "builtin-tiny"]) == 0
     printed = capsys.readouterr().out
-    assert "300 records" in printed and "train: 300 samples" in printed and "prompt" in printed
+    assert "300 records" in printed and "test: 300 samples" in printed and "prompt" in printed
+    assert PreparedData(tmp_path / "t").splits == ["test"]
 
 
 def test_prepared_tiny_fixture(prepared_tiny):
