@@ -315,7 +315,8 @@ def fit_lowrank(model: Any, dataset: Any, layers: Sequence[int], *, k: int, ener
     for layer in layers:
         basis, mean, kept = pca_basis(s1[layer].cpu(), s2[layer].cpu(), n, k=k, energy=energy)
         tensors[f"basis.{layer}"], tensors[f"mean.{layer}"] = basis, mean
-        report[layer_key(layer)] = {"k": basis.shape[1], "d": basis.shape[0], "energy_fit": kept, "fit_tokens": n}
+        report[layer_key(layer)] = {"k": basis.shape[1], "d": basis.shape[0], "energy_fit": kept, "fit_tokens": n,
+                                    "k_for_energy": k_for_energy(s1[layer].cpu(), s2[layer].cpu(), n)}
     return tensors, report
 
 
@@ -334,6 +335,11 @@ def pca_basis(s1: Tensor, s2: Tensor, n: int, *, k: int = 0, energy: float = 0.0
     kk = k if k else int(torch.searchsorted(frac, torch.tensor([energy - 1e-12], dtype=frac.dtype))) + 1
     kk = max(1, min(kk, evals.numel()))
     return evecs[:, :kk].float().contiguous(), mean.float(), float(frac[kk - 1])
+
+
+def k_for_energy(s1: Tensor, s2: Tensor, n: int, levels: Sequence[float] = (0.9, 0.99, 0.999)) -> dict[str, int]:
+    """How many principal directions keep each energy level: the spectrum in three numbers, to choose k by."""
+    return {str(e): pca_basis(s1, s2, n, energy=e)[0].shape[1] for e in levels}
 
 
 def load_lowrank(path: Path, device: torch.device) -> LowRank:
@@ -414,16 +420,20 @@ def finalize_store(out: Path, plan: dict[str, Any], *, config: dict[str, Any], w
     return manifest
 
 
-def summary(manifest: dict[str, Any], wall_s: float) -> str:
+def summary(manifest: dict[str, Any], wall_s: float, computed_tokens: int | None = None) -> str:
     st, n = manifest["stats"], manifest["n_tokens"]
     lines = [f"feature store: {manifest['n_samples']} samples, {n} tokens, {len(manifest['shards'])} shards, "
-             f"{st['bytes'] / 1e6:.1f} MB, wall {wall_s:.1f} s ({n / max(wall_s, 1e-9):.0f} tok/s over this run)"]
+             f"{st['bytes'] / 1e6:.1f} MB"]
+    if computed_tokens is not None:
+        lines[0] += (f"; this run computed {computed_tokens} tokens in {wall_s:.1f} s wall "
+                     f"({computed_tokens / max(wall_s, 1e-9):.0f} tok/s, start-up included)")
     for name, b in st["bytes_per_token"].items():
         if not name.startswith("crc."):
             lines.append(f"  {name:<14} {b:10.1f} bytes/token")
     for layer, r in (manifest.get("lowrank") or {}).get("layers", {}).items():
         lines.append(f"  low-rank layer {layer}: k={r['k']} of d={r['d']}, energy kept {r['energy_fit']:.4f} on the "
-                     f"fit sample, {r.get('energy_store', float('nan')):.4f} over the store")
+                     f"fit sample, {r.get('energy_store', float('nan')):.4f} over the store; k for energy "
+                     + ", ".join(f"{e}: {k}" for e, k in r["k_for_energy"].items()))
     return "\n".join(lines)
 
 

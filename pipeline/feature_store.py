@@ -283,7 +283,7 @@ class FeatureStore:
         return len(self._ids)
 
     def __contains__(self, sample_id: int) -> bool:
-        j = int(np.searchsorted(self._ids, sample_id))
+        j = int(self._ids.searchsorted(sample_id))
         return j < len(self._ids) and int(self._ids[j]) == sample_id
 
     def feature_dim(self, layer: Layer) -> int:
@@ -292,7 +292,7 @@ class FeatureStore:
         return dims["d"] if self.reconstruct or layer not in self._lowrank else dims["stored"]
 
     def _locate(self, sample_id: int) -> tuple[int, int, int, int]:
-        j = int(np.searchsorted(self._ids, sample_id))
+        j = int(self._ids.searchsorted(sample_id))
         if j >= len(self._ids) or int(self._ids[j]) != sample_id:
             raise KeyError(f"sample id {sample_id} is not in feature store {self.path}")
         s, r = int(self._shard_of[j]), int(self._row_of[j])

@@ -143,28 +143,22 @@ def run(cfg: CacheConfig) -> int:
                         "vocab_size": model.config.vocab_size},
             "data_path": str(Path(cfg.data).resolve()), "dims": dims, "config": config_to_dict(cfg)}
     plan = fc.make_plan(content, fc.plan_units(dataset.lengths, cfg.shard_tokens), info)
-    state = fc.check_output_folder(out, plan)
+    # Rank 0 alone judges and prepares the folder (another rank looking meanwhile could see it half made).
+    if dist.is_main:
+        state = fc.check_output_folder(out, plan)
+        pending_at_start = fc.pending_units(out, plan) if state == "resume" else list(range(len(plan["units"])))
+        if state != "complete":
+            estimate = fc.storage_estimate(int(dataset.lengths.sum()), dims, DTYPES[cfg.dtype], cfg.topk_logits)
+            fc.prepare_output_folder(out, plan, int(estimate * len(pending_at_start) / len(plan["units"])))
+            write_side_files(out, cfg, plan, model, dataset, tok, input_device)
+    barrier(dist.world_size)
+    if not dist.is_main:
+        state = fc.check_output_folder(out, plan)
     if state == "complete":
         say(f"[cache] {out} already holds this store, complete; `--verify` checks it")
+        if dist.world_size > 1:
+            torch.distributed.destroy_process_group()
         return 0
-    if dist.is_main:
-        estimate = fc.storage_estimate(int(dataset.lengths.sum()), dims, DTYPES[cfg.dtype], cfg.topk_logits)
-        left = len(fc.pending_units(out, plan)) / len(plan["units"]) if state == "resume" else 1.0
-        fc.prepare_output_folder(out, plan, int(estimate * left))
-        if cfg.final and not (out / LM_HEAD_FILE).is_file():
-            head = model.get_output_embeddings()
-            side = {"weight": head.weight.detach().cpu()}
-            if getattr(head, "bias", None) is not None:
-                side["bias"] = head.bias.detach().cpu()
-            save_tensors(out / LM_HEAD_FILE, side, {"plan": plan["fingerprint"]})
-        if content["lowrank"] and not (out / LOWRANK_FILE).is_file():
-            say(f"[cache] fitting low-rank bases on ~{cfg.lowrank_fit_tokens} tokens")
-            tensors, report = fc.fit_lowrank(
-                model, dataset, cfg.layers, k=cfg.lowrank_k, energy=cfg.lowrank_energy,
-                fit_tokens=cfg.lowrank_fit_tokens, seed=cfg.seed, pad_id=tok.pad_token_id,
-                batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size, device=input_device)
-            save_tensors(out / LOWRANK_FILE, tensors, {"plan": plan["fingerprint"], "report": report})
-    barrier(dist.world_size)
     lowrank = fc.load_lowrank(out / LOWRANK_FILE, input_device) if content["lowrank"] else {}
     lowrank_sha = sha256_file(out / LOWRANK_FILE) if content["lowrank"] else None
 
@@ -185,11 +179,29 @@ def run(cfg: CacheConfig) -> int:
 
     barrier(dist.world_size)
     if dist.is_main:
-        manifest = fc.finalize_store(out, plan, config=config_to_dict(cfg), wall_s=time.perf_counter() - t0)
-        say("[cache] " + fc.summary(manifest, time.perf_counter() - t0))
+        wall = time.perf_counter() - t0
+        manifest = fc.finalize_store(out, plan, config=config_to_dict(cfg), wall_s=wall)
+        say("[cache] " + fc.summary(manifest, wall, tokens(pending_at_start)))
     if dist.world_size > 1:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def write_side_files(out: Path, cfg: CacheConfig, plan: dict, model, dataset, tok, device: torch.device) -> None:
+    """The LM-head weight (with --final) and the low-rank bases (fitted once, by rank 0, before any unit)."""
+    if cfg.final and not (out / LM_HEAD_FILE).is_file():
+        head = model.get_output_embeddings()
+        side = {"weight": head.weight.detach().cpu()}
+        if getattr(head, "bias", None) is not None:
+            side["bias"] = head.bias.detach().cpu()
+        save_tensors(out / LM_HEAD_FILE, side, {"plan": plan["fingerprint"]})
+    if plan["content"]["lowrank"] and not (out / LOWRANK_FILE).is_file():
+        print(f"[cache] fitting low-rank bases on ~{cfg.lowrank_fit_tokens} tokens")
+        tensors, report = fc.fit_lowrank(
+            model, dataset, cfg.layers, k=cfg.lowrank_k, energy=cfg.lowrank_energy, fit_tokens=cfg.lowrank_fit_tokens,
+            seed=cfg.seed, pad_id=tok.pad_token_id, batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size,
+            device=device)
+        save_tensors(out / LOWRANK_FILE, tensors, {"plan": plan["fingerprint"], "report": report})
 
 
 def load_teacher(cfg: CacheConfig, tok, dtype: torch.dtype, device: torch.device, world_size: int):
