@@ -63,6 +63,13 @@ def run(config: PrepareConfig) -> Path:
         raise ConfigError("shard_size must be >= 1 and limit >= 0")
     if not config.split or "/" in config.split or config.split.startswith("."):
         raise ConfigError(f"split {config.split!r}: give a plain folder name")
+    # Checked before the output folder is touched, so a typo never leaves a half-made folder behind.
+    if config.valid_fraction and config.valid_size:
+        raise ConfigError("give --valid_fraction or --valid_size, not both")
+    if not 0.0 <= config.valid_fraction < 1.0 or config.valid_size < 0:
+        raise ConfigError("--valid_fraction must be in [0, 1) and --valid_size >= 0")
+    if not 0 < config.max_prompt_len < config.max_len:
+        raise ConfigError(f"need 0 < --max_prompt_len ({config.max_prompt_len}) < --max_len ({config.max_len})")
 
     # 1. Read every source and the tokenizer: enough to know what this run would produce.
     field_map = parse_field_map(config.fields)
