@@ -191,8 +191,8 @@ def test_prepare_folder_manifest_readers_and_rerun(tmp_path, tok):
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     run(cfg)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
-    with pytest.raises(FileExistsError, match="max_len 512 vs 256"):
-        run(PrepareConfig(**{**cfg.__dict__, "max_len": 256}))
+    with pytest.raises(FileExistsError, match="max_len 512 vs 300"):
+        run(PrepareConfig(**{**cfg.__dict__, "max_len": 300}))
     write_jsonl(data, [{"instruction": "Other.", "output": "data."}])
     with pytest.raises(FileExistsError, match="other inputs.*sources"):
         run(cfg)
