@@ -13,27 +13,23 @@ rendezvous variables of a plain process). The run folder:
 from __future__ import annotations
 
 import functools
-import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline import checkpointing as ckpt
-from pipeline.config import ConfigError, config_to_dict, save_config
+from pipeline.config import ConfigError, save_config
 from pipeline.ds_config import EngineSettings, load_ds_config, precision_of, resolve_ds_config, torch_dtype
 from pipeline.ds_config import zero_stage
 from pipeline.feature_store import FeatureStore
 from pipeline.io import read_json, write_json_atomic
-from pipeline.models import FINAL, PRESETS, layer_map, load_model, model_fingerprint, num_decoder_layers
-from pipeline.objective import Objective, StudentWithHeads, feature_distances, online_teacher_targets
-from pipeline.runtime import DistInfo, ensure_dist_env, pick_device, seed_everything
-from pipeline.train_config import RESUME_FREE_FIELDS, TrainConfig, check_config, parse_layer_map, teacher_mode
-from pipeline.train_data import StepBatchSampler, eval_batches, make_collate, make_dataset, make_loader
-from pipeline.train_data import stored_targets, to_device
+from pipeline.models import FINAL, PRESETS, layer_map, load_model, model_fingerprint
+from pipeline.objective import Objective, StudentWithHeads
+from pipeline.runtime import DistInfo, dist_info, ensure_dist_env, pick_device, seed_everything
+from pipeline.train_config import TrainConfig, check_config, parse_layer_map, teacher_mode
+from pipeline.train_data import make_collate, make_dataset
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -75,30 +71,44 @@ def check_output_folder(out: Path, resume: bool) -> None:
         raise FileExistsError(f"{out} holds a previous run; pass --resume to continue it or choose another --out")
 
 
-def student_width(spec: str) -> int:
+def model_shape(spec: str, option: str) -> tuple[int, int]:
+    """(hidden size, decoder layers) of a model dir or preset, from its config alone (no weights loaded)."""
     if spec.startswith("preset:"):
         name = spec.split(":", 1)[1]
         if name not in PRESETS:
-            raise ConfigError(f"--student {spec}: unknown preset; choose one of {', '.join(PRESETS)}")
-        return int(PRESETS[name]["hidden_size"])
+            raise ConfigError(f"--{option} {spec}: unknown preset; choose one of {', '.join(PRESETS)}")
+        return int(PRESETS[name]["hidden_size"]), int(PRESETS[name]["num_hidden_layers"])
     cfg_path = Path(spec) / "config.json"
     if not cfg_path.is_file():
-        raise ConfigError(f"--student {spec}: not a model directory with config.json, and not preset:NAME")
-    return int(read_json(cfg_path)["hidden_size"])
+        raise ConfigError(f"--{option} {spec}: not a model directory with config.json, and not preset:NAME")
+    c = read_json(cfg_path)
+    return int(c["hidden_size"]), int(c["num_hidden_layers"])
 
 
-def setup(cfg: TrainConfig) -> Run:
-    check_config(cfg)
-    dist = ensure_dist_env()
-    import deepspeed
+@dataclass
+class Plan:
+    """The checked inputs of a run, before any process group, engine or model weights exist."""
+
+    data: Any
+    tokenizer: Any
+    train_tokens: Any
+    valid_tokens: Any | None
+    teacher_mode: str
+    store: FeatureStore | None
+    valid_store: FeatureStore | None
+    objective: Objective
+    teacher_dims: dict[int, int]
+    ds_config: dict[str, Any]
+    inputs: dict[str, Any]
+
+
+def plan_run(cfg: TrainConfig) -> Plan:
+    """Check everything that can be checked cheaply, so a bad option fails in seconds with its name."""
     from pipeline.data import PreparedData
 
-    deepspeed.init_distributed(verbose=False)
-    device = pick_device(dist.local_rank)
-    out = Path(cfg.out)
-    check_output_folder(out, cfg.resume)
-    seed_everything(cfg.seed)
-
+    check_config(cfg)
+    dist = dist_info()
+    check_output_folder(Path(cfg.out), cfg.resume)
     data = PreparedData(cfg.data)
     tok = data.tokenizer()
     train_tokens = data.split(cfg.train_split)
@@ -112,97 +122,127 @@ def setup(cfg: TrainConfig) -> Run:
     tmode = teacher_mode(cfg)
     inputs: dict[str, Any] = {"data": {"path": str(Path(cfg.data).resolve()), "fingerprint": data.fingerprint},
                               "student": cfg.student, "teacher_mode": tmode}
+    d_student, n_student = model_shape(cfg.student, "student")
 
-    # DeepSpeed config first: under ZeRO-3, Hugging Face partitions the student while loading it.
-    ds_cfg = resolve_ds_config(load_ds_config(cfg.ds_config), EngineSettings(
-        micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum, world_size=dist.world_size,
-        grad_clip=cfg.grad_clip, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-        weight_decay=cfg.weight_decay, precision=cfg.precision, hidden_size=student_width(cfg.student)),
-        origin=cfg.ds_config)
-    stage, dtype = zero_stage(ds_cfg), torch_dtype(precision_of(ds_cfg))
-
-    # The teacher: a feature store (never the model), or a frozen model run every step.
-    store = teacher = head = None
-    n_teacher_layers = 0
+    # The teacher: a feature store (the model is never loaded), or a frozen model run every step.
+    store = valid_store = None
+    teacher_dims: dict[int, int] = {}
     if tmode == "stored":
         store = FeatureStore(cfg.features)
-        n_teacher_layers = int(store.manifest["teacher"]["n_layers"])
-        inputs["features"] = {"path": str(Path(cfg.features).resolve()),
-                              "teacher_fingerprint": store.manifest["teacher"]["fingerprint"]}
         if store.manifest["data"]["split"] != cfg.train_split:
             raise ConfigError(f"--features {cfg.features} caches split {store.manifest['data']['split']!r}, "
                               f"training reads {cfg.train_split!r}")
+        n_teacher = int(store.manifest["teacher"]["n_layers"])
+        teacher_dims = {t: store.feature_dim(t) for t in store.layers if t != FINAL}
+        inputs["features"] = {"path": str(Path(cfg.features).resolve()),
+                              "teacher_fingerprint": store.manifest["teacher"]["fingerprint"]}
     elif tmode == "online":
-        # Loaded before any ZeRO-3 context so it stays whole on every rank (it is not trained).
-        teacher = load_model(cfg.teacher, tokenizer=tok, dtype=dtype, seed=cfg.seed).to(device).eval()
-        teacher.requires_grad_(False)
-        n_teacher_layers = num_decoder_layers(teacher)
-        inputs["teacher"] = {"spec": cfg.teacher, "fingerprint": model_fingerprint(
-            teacher if cfg.teacher.startswith("preset:") else cfg.teacher)}
+        d_teacher, n_teacher = model_shape(cfg.teacher, "teacher")
+        teacher_dims = {t: d_teacher for t in range(n_teacher + 1)}
+    else:
+        n_teacher = 0
+    objective = build_objective(cfg, n_student, n_teacher, store)
 
+    if store is not None:
+        # A --teacher directory given with stored features must be the one that made them (a preset's weights
+        # depend on the cache stage's seed, so presets are not checked).
+        teacher_dir = cfg.teacher if cfg.teacher and not cfg.teacher.startswith("preset:") else None
+        store.check_compatible(data_fingerprint=data.fingerprint, tokenizer_fingerprint=data.tokenizer_fingerprint,
+                               layers=_store_layers(objective),
+                               teacher_fingerprint=model_fingerprint(teacher_dir) if teacher_dir else None)
+        if cfg.valid_features and valid_tokens is not None:
+            valid_store = FeatureStore(cfg.valid_features)
+            if valid_store.manifest["data"]["split"] != cfg.valid_split:
+                raise ConfigError(f"--valid_features {cfg.valid_features} caches split "
+                                  f"{valid_store.manifest['data']['split']!r}, validation reads {cfg.valid_split!r}")
+            valid_store.check_compatible(data_fingerprint=data.fingerprint,
+                                         tokenizer_fingerprint=data.tokenizer_fingerprint,
+                                         teacher_fingerprint=store.manifest["teacher"]["fingerprint"],
+                                         layers=_valid_layers(objective))
+
+    ds_cfg = resolve_ds_config(load_ds_config(cfg.ds_config), EngineSettings(
+        micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum, world_size=dist.world_size,
+        grad_clip=cfg.grad_clip, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay, precision=cfg.precision, hidden_size=d_student), origin=cfg.ds_config)
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * dist.world_size
+    if len(train_tokens) < global_batch:
+        raise ConfigError(f"split {cfg.train_split!r} has {len(train_tokens)} samples, fewer than one global batch "
+                          f"of {global_batch} (micro_batch_size x grad_accum x ranks)")
+    return Plan(data=data, tokenizer=tok, train_tokens=train_tokens, valid_tokens=valid_tokens, teacher_mode=tmode,
+                store=store, valid_store=valid_store, objective=objective, teacher_dims=teacher_dims,
+                ds_config=ds_cfg, inputs=inputs)
+
+
+def load_student(cfg: TrainConfig, plan: Plan, stage: int) -> Any:
     hf_ds = None
     if stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
-        hf_ds = HfDeepSpeedConfig(ds_cfg)  # noqa: F841  (must stay alive while the student loads)
-    student = load_model(cfg.student, tokenizer=tok, seed=cfg.seed)
-    del hf_ds
-    if len(tok) > student.config.vocab_size:
+        hf_ds = HfDeepSpeedConfig(plan.ds_config)  # noqa: F841  (Hugging Face partitions while loading)
+    student = load_model(cfg.student, tokenizer=plan.tokenizer, seed=cfg.seed)
+    del hf_ds  # later from_pretrained calls (e.g. reloading the saved model) load whole again
+    if len(plan.tokenizer) > student.config.vocab_size:
         raise ConfigError(f"--student {cfg.student}: vocabulary {student.config.vocab_size} < the prepared data's "
-                          f"tokenizer ({len(tok)})")
+                          f"tokenizer ({len(plan.tokenizer)})")
     student.config.use_cache = False
     if cfg.activation_checkpointing:
-        enable = getattr(student, "activation_checkpointing_enable", None)
+        enable = getattr(student, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: gradient_
         kwargs = {"use_reentrant": False}  # reentrant checkpointing would cut the feature loss's gradient
         if enable is not None:
             enable(activation_checkpointing_kwargs=kwargs)
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return student
 
-    objective, teacher_dims = build_objective(cfg, num_decoder_layers(student), n_teacher_layers, store, teacher)
-    if store is not None:
-        need = list(objective.teacher_layers) + ([FINAL] if objective.kd == "final" else [])
-        # A --teacher directory given with stored features must be the one that made them (a preset's weights
-        # depend on the cache stage's seed, so presets are not checked).
-        teacher_dir = cfg.teacher if cfg.teacher and not cfg.teacher.startswith("preset:") else None
-        store.check_compatible(data_fingerprint=data.fingerprint, tokenizer_fingerprint=data.tokenizer_fingerprint,
-                               layers=need, teacher_fingerprint=model_fingerprint(teacher_dir) if teacher_dir else None)
-        if objective.kd == "final":
-            weight, bias = stored_head(store)
-            head = (weight.to(device, dtype), None if bias is None else bias.to(device, dtype))
-    valid_store = None
-    if cfg.valid_features and tmode == "stored" and valid_tokens is not None:
-        valid_store = FeatureStore(cfg.valid_features)
-        valid_store.check_compatible(data_fingerprint=data.fingerprint,
-                                     tokenizer_fingerprint=data.tokenizer_fingerprint,
-                                     teacher_fingerprint=store.manifest["teacher"]["fingerprint"],
-                                     layers=_valid_layers(objective))
 
-    model = StudentWithHeads(student, objective, teacher_dims)
-    train_set = make_dataset(train_tokens, store, _store_layers(objective), topk=objective.kd == "topk")
+def setup(cfg: TrainConfig) -> Run:
+    """Checked inputs, then the process group, models and the DeepSpeed engine."""
+    plan = plan_run(cfg)
+    dist = ensure_dist_env()
+    import deepspeed
+
+    deepspeed.init_distributed(verbose=False)
+    device = pick_device(dist.local_rank)
+    seed_everything(cfg.seed)
+    stage, dtype = zero_stage(plan.ds_config), torch_dtype(precision_of(plan.ds_config))
+    objective, store = plan.objective, plan.store
+
+    teacher = head = None
+    if plan.teacher_mode == "online":
+        # Loaded before any ZeRO-3 context so it stays whole on every rank (it is not trained).
+        teacher = load_model(cfg.teacher, tokenizer=plan.tokenizer, dtype=dtype, seed=cfg.seed).to(device).eval()
+        teacher.requires_grad_(False)
+        plan.inputs["teacher"] = {"spec": cfg.teacher, "fingerprint": model_fingerprint(
+            teacher if cfg.teacher.startswith("preset:") else cfg.teacher)}
+    elif store is not None and objective.kd == "final":
+        weight, bias = stored_head(store)
+        head = (weight.to(device, dtype), None if bias is None else bias.to(device, dtype))
+    model = StudentWithHeads(load_student(cfg, plan, stage), objective, plan.teacher_dims)
+
+    train_set = make_dataset(plan.train_tokens, store, _store_layers(objective), topk=objective.kd == "topk")
     steps_per_epoch = len(train_set) // (cfg.micro_batch_size * cfg.grad_accum * dist.world_size)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"split {cfg.train_split!r} has {len(train_set)} samples, fewer than one global batch of "
-                          f"{cfg.micro_batch_size * cfg.grad_accum * dist.world_size}")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(round(cfg.warmup_ratio * total_steps))
     schedule = functools.partial(warmup_cosine, warmup=warmup, total=total_steps, min_ratio=cfg.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_cfg,
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=plan.ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
 
     valid_set = None
-    if valid_tokens is not None:
-        valid_set = make_dataset(valid_tokens, valid_store, _valid_layers(objective), topk=objective.kd == "topk")
+    if plan.valid_tokens is not None:
+        valid_set = make_dataset(plan.valid_tokens, plan.valid_store, _valid_layers(objective),
+                                 topk=objective.kd == "topk")
+    out = Path(cfg.out)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        write_json_atomic(out / "ds_config.json", ds_cfg)
+        write_json_atomic(out / "ds_config.json", plan.ds_config)
+    pad = plan.tokenizer.pad_token_id
     return Run(cfg=cfg, dist=dist, device=device, out=out, engine=engine, stage=stage, objective=objective,
-               tokenizer=tok, train_set=train_set, valid_set=valid_set, valid_store=valid_store, teacher=teacher,
-               head=head, collate=make_collate(tok.pad_token_id, store is not None),
-               valid_collate=make_collate(tok.pad_token_id, valid_store is not None),
-               steps_per_epoch=steps_per_epoch, total_steps=total_steps, inputs=inputs)
+               tokenizer=plan.tokenizer, train_set=train_set, valid_set=valid_set, valid_store=plan.valid_store,
+               teacher=teacher, head=head, collate=make_collate(pad, store is not None),
+               valid_collate=make_collate(pad, plan.valid_store is not None), steps_per_epoch=steps_per_epoch,
+               total_steps=total_steps, inputs=plan.inputs)
 
 
 def stored_head(store: FeatureStore) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -224,10 +264,9 @@ def _valid_layers(objective: Objective) -> list[Any]:
     return sorted({t for _, t in objective.pairs}) + ([FINAL] if objective.kd == "final" else [])
 
 
-def build_objective(cfg: TrainConfig, n_student: int, n_teacher: int, store: FeatureStore | None, teacher: Any
-                    ) -> tuple[Objective, dict[int, int]]:
+def build_objective(cfg: TrainConfig, n_student: int, n_teacher: int, store: FeatureStore | None) -> Objective:
     if cfg.mode == "sft":
-        return Objective("sft", 0.0, 0.0, "none", (), (), "none", cfg.kd_temperature), {}
+        return Objective("sft", 0.0, 0.0, "none", (), (), "none", cfg.kd_temperature)
     try:
         pairs = layer_map(n_student, n_teacher, parse_layer_map(cfg.layer_map), cfg.n_layer_pairs)
     except ValueError as e:
@@ -237,9 +276,7 @@ def build_objective(cfg: TrainConfig, n_student: int, n_teacher: int, store: Fea
     if cfg.alpha == 0:
         kd = "none"
     elif kd == "auto":
-        if store is None:
-            kd = "final"
-        elif FINAL in store.layers:
+        if store is None or FINAL in store.layers:
             kd = "final"
         elif store.manifest.get("topk_logits"):
             kd = "topk"
@@ -248,9 +285,4 @@ def build_objective(cfg: TrainConfig, n_student: int, n_teacher: int, store: Fea
                               f"nor top-k logits (cache with --final or --topk_logits K, or pass --alpha 0)")
     if kd == "topk" and store is None:
         raise ConfigError("--kd topk reads stored top-k logits; the online teacher gives exact logits (--kd final)")
-    dims = {}
-    for _, t in pairs:
-        dims[t] = store.feature_dim(t) if store is not None and t in store.layers else (
-            teacher.config.hidden_size if teacher is not None else 0)
-    obj = Objective("distill", cfg.alpha, cfg.beta, cfg.loss, tuple(pairs), tuple(weights), kd, cfg.kd_temperature)
-    return obj, dims
+    return Objective("distill", cfg.alpha, cfg.beta, cfg.loss, tuple(pairs), tuple(weights), kd, cfg.kd_temperature)
