@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.io import sha256_file, sha256_json
+from pipeline.runtime import hub_offline, is_hub_name
 
 FINAL = "final"
 
@@ -49,7 +50,7 @@ def preset_config(name: str, vocab_size: int, *, pad_token_id: int = 1, bos_toke
 
 def load_model(spec: str, *, tokenizer: PreTrainedTokenizerBase | None = None, dtype: torch.dtype = torch.float32,
                seed: int = 0) -> PreTrainedModel:
-    """A causal LM from a local HF model directory, or `preset:NAME` with random weights drawn from `seed`.
+    """A causal LM from a local HF model directory, a hub name (org/name, online machines), or `preset:NAME` with random weights drawn from `seed`.
 
     Presets take their vocabulary size and special token ids from `tokenizer` (required for them). A directory
     loads with local files only; with a tokenizer given, its vocabulary must fit the model's embedding.
@@ -67,15 +68,17 @@ def load_model(spec: str, *, tokenizer: PreTrainedTokenizerBase | None = None, d
             model = OPTForCausalLM(config)
         return model.to(dtype)
     path = Path(spec)
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and not is_hub_name(spec):
         raise ValueError(
-            f"model {spec!r}: not a model directory with config.json, and not a preset "
-            f"(preset:{', preset:'.join(PRESETS)}); this pipeline loads local files only"
+            f"model {spec!r}: not a model directory with config.json, not a preset "
+            f"(preset:{', preset:'.join(PRESETS)}), and not a hub name (org/name)"
         )
+    local = (path / "config.json").is_file() or hub_offline()
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=local, dtype=dtype)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load a causal LM from {path}: {e}") from e
+        hint = " (HF_HUB_OFFLINE is set: only the local hub cache is searched)" if hub_offline() else ""
+        raise ValueError(f"cannot load a causal LM from {spec}{hint}: {e}") from e
     if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
         raise ValueError(
             f"{path}: the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "

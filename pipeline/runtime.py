@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,16 @@ def pick_device(local_rank: int = 0) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def is_hub_name(spec: str) -> bool:
+    """`org/name` that is not an existing local path: a Hugging Face hub repository id."""
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not Path(spec).expanduser().exists() and not spec.startswith((".", "~"))
 
 
 def seed_everything(seed: int) -> None:

@@ -22,6 +22,7 @@ from typing import Iterable
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from pipeline.io import sha256_json
+from pipeline.runtime import hub_offline, is_hub_name
 
 BUILTIN_SPECS = ("builtin-gpt2", "builtin-tiny")
 TINY_VOCAB_SIZE = 2048
@@ -118,11 +119,14 @@ def builtin_tiny(vocab_size: int = TINY_VOCAB_SIZE) -> PreTrainedTokenizerBase:
     return _load_dir(target)
 
 
-def _load_dir(path: Path) -> PreTrainedTokenizerBase:
+def _load_dir(path: Path | str) -> PreTrainedTokenizerBase:
+
+    local = Path(path).is_dir() or hub_offline()
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=local)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load a tokenizer from {path}: {e}") from e
+        hint = " (HF_HUB_OFFLINE is set: only the local hub cache is searched)" if hub_offline() else ""
+        raise ValueError(f"cannot load a tokenizer from {path}{hint}: {e}") from e
     if tok.eos_token is None:
         raise ValueError(f"tokenizer in {path} has no eos_token; the pipeline needs one to end responses")
     if tok.pad_token is None:
@@ -132,18 +136,18 @@ def _load_dir(path: Path) -> PreTrainedTokenizerBase:
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
-    """A tokenizer from a local directory or a built-in spec; always has `pad_token` and `eos_token`."""
+    """A tokenizer from a local directory, a hub name (online machines) or a built-in spec; always has `pad_token` and `eos_token`."""
     if spec == "builtin-gpt2":
         return builtin_gpt2()
     if spec == "builtin-tiny":
         return builtin_tiny()
     path = Path(spec)
-    if not path.is_dir():
+    if not path.is_dir() and not is_hub_name(spec):
         raise ValueError(
-            f"tokenizer {spec!r}: not a local directory; give a Hugging Face tokenizer or model directory "
-            f"or one of {', '.join(BUILTIN_SPECS)} (this pipeline does not download tokenizers)"
+            f"tokenizer {spec!r}: not a local directory, not a hub name (org/name), and not one of "
+            f"{', '.join(BUILTIN_SPECS)}"
         )
-    return _load_dir(path)
+    return _load_dir(path if path.is_dir() else spec)
 
 
 def _describe(tok: PreTrainedTokenizerBase) -> dict:

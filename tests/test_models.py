@@ -165,3 +165,13 @@ def test_record_hidden_states_during_a_training_forward(tok, batch):
     feats.clear()  # hooks are gone after the block
     student(input_ids=ids, attention_mask=mask)
     assert feats == {}
+
+
+def test_hub_names_fail_clearly_offline(monkeypatch):
+    from pipeline.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set"):
+        load_model("someorg/not-a-cached-model")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set"):
+        load_tokenizer("someorg/not-a-cached-model")
