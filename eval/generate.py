@@ -52,7 +52,7 @@ def keyed_uniform(seed: int, index: int, step: int) -> float:
 
 
 class KeyedSampler(LogitsProcessor):
-    """Samples each row's next token with its own keyed noise and returns scores whose argmax is that token.
+    """Samples each row's next token with its own keyed noise; returns the scores with that token set to +inf.
 
     Used with greedy `generate`, so transformers' own sampler (one shared RNG for the whole batch) never runs.
     """
@@ -67,12 +67,13 @@ class KeyedSampler(LogitsProcessor):
         u = torch.tensor([keyed_uniform(self.seed, i, step) for i in self.indices], dtype=torch.float64,
                          device=scores.device)
         # float64 CDF: 50k fp32 probabilities summed in fp32 drift by ~1e-5, enough to move a draw.
-        cdf = torch.softmax(scores.double(), dim=-1).cumsum(-1)
-        target = (u * cdf[:, -1]).unsqueeze(1)
+        cdf = torch.softmax(scores, dim=-1, dtype=torch.float64).cumsum_(-1)
+        target = u.unsqueeze(1) * cdf[:, -1:]
         # right=True skips zero-probability tokens (banned n-grams), which share their predecessor's CDF value.
         tokens = torch.searchsorted(cdf, target, right=True).clamp_(max=scores.shape[-1] - 1)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, tokens, 0.0)
+        # Marking the drawn token in place (no new vocabulary-sized tensor: on this CPU each fresh one costs
+        # page faults) makes it the argmax that greedy decoding picks.
+        return scores.scatter_(1, tokens, float("inf"))
 
 
 class SuppressBeyondVocab(LogitsProcessor):

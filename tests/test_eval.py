@@ -130,14 +130,18 @@ def test_keyed_sampler_draws_from_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
     scores = probs.log().expand(4000, 4).contiguous()
     sampler = KeyedSampler(seed=10, indices=range(4000), prompt_width=5)
-    out = sampler(torch.zeros(4000, 7, dtype=torch.long), scores)
+    out = sampler(torch.zeros(4000, 7, dtype=torch.long), scores.clone())
     tokens = out.argmax(-1)
-    assert torch.isfinite(out).sum() == 4000  # one allowed token per row
+    assert torch.equal((out == float("inf")).sum(-1), torch.ones(4000, dtype=torch.long))  # one pick per row
     freq = torch.bincount(tokens, minlength=4).double() / 4000
     assert torch.allclose(freq, probs.double(), atol=0.03)
     assert freq[3] == 0  # banned tokens are never drawn
-    again = KeyedSampler(seed=10, indices=range(4000), prompt_width=5)(torch.zeros(4000, 7, dtype=torch.long), scores)
+    again = KeyedSampler(seed=10, indices=range(4000), prompt_width=5)(torch.zeros(4000, 7, dtype=torch.long),
+                                                                      scores.clone())
     assert torch.equal(out, again)
+    later = sampler(torch.zeros(4000, 8, dtype=torch.long), scores.clone()).argmax(-1)  # next step, new noise
+    agree = (later == tokens).double().mean().item()
+    assert agree == pytest.approx(0.38, abs=0.03)  # independent draws agree with probability sum(p^2) = 0.38
     assert keyed_uniform(10, 3, 2) != keyed_uniform(20, 3, 2) != keyed_uniform(10, 4, 2)
 
 
@@ -238,6 +242,7 @@ def test_evaluate_writes_reports_and_resumes(tiny_pair, tmp_path, monkeypatch):
     assert qa["per_seed"] == {"10": pytest.approx(per_seed[10]), "20": pytest.approx(per_seed[20])}
     assert json.loads((out / "scores.json").read_text())["results"]["student"]["chat"]["n_samples"] == 3
     table = (out / "scores.md").read_text()
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| model | qa | chat |" in table and f"| student | {qa['mean']:.2f} ± {qa['std']:.2f} |" in table
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -253,7 +258,7 @@ def test_evaluate_writes_reports_and_resumes(tiny_pair, tmp_path, monkeypatch):
     both = evaluate(_config([tiny_pair.student, tiny_pair.teacher], out, sets), progress=False)
     assert calls == [10, 20, 10, 20]  # only the teacher generated
     assert set(both["results"]) == {"student", "teacher"}
-    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| teacher |" in (out / "scores.md").read_text()
 
     # Changed settings must not mix with the results already there.
     with pytest.raises(ConfigError, match="differs in: max_new_tokens"):
