@@ -19,7 +19,7 @@ Common options:
     --prompt-truncation left|right   left keeps the prompt's end ("### Response:"), right is MiniLLM's cut
 
 Several ranks: torchrun --nproc_per_node K -m eval --models DIR ...  (each rank generates a slice; rank 0
-gathers in order, scores and writes). Outputs in --out: scores.json, scores.md, scores.png (several models),
+gathers in order, scores and writes). Outputs in --out: scores.json, scores.md, scores.png (bar chart),
 tensorboard/<model>/, generations/<model>/<set>/seed<N>.jsonl.
 
 From Python: `from eval import EvalConfig, evaluate; evaluate(EvalConfig(models=[...], max_samples=20))`.
