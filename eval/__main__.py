@@ -5,6 +5,7 @@ Usage:
     ./run.sh eval --config eval.yaml [--field value ...]    YAML supplies defaults, flags override
 
 Common options:
+    --names teacher student   display names of the models, in order (default: distinct path suffixes)
     --benchmarks dolly self_inst vicuna sinst uinst   registry names (default: all five), paths to .jsonl files,
                                                       or hub:NAME[:SPLIT] (needs the hub, or its local cache)
     --data-dir DIR          folder of the registry's files (default ../shared/data/instruct, or

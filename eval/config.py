@@ -24,6 +24,10 @@ class EvalConfig:
         default_factory=list,
         metadata={"help": "Hugging Face causal-LM directories to score", "aliases": ["--model"], "nargs": "+"},
     )
+    names: list[str] = field(
+        default_factory=list,
+        metadata={"help": "display names of the models, in order (default: the shortest distinct path suffixes)"},
+    )
     benchmarks: list[str] = field(
         default_factory=lambda: list(ALL_BENCHMARKS),
         metadata={"help": "registry names (dolly self_inst vicuna sinst uinst), JSONL paths, or hub:NAME[:SPLIT]"},
@@ -75,6 +79,8 @@ class EvalConfig:
             )
         if not 0.0 < self.top_p <= 1.0 or self.top_k < 0 or self.temperature <= 0:
             raise ConfigError("sampling: need 0 < top_p <= 1, top_k >= 0 (0 = off), temperature > 0")
+        if self.names and (len(self.names) != len(self.models) or len(set(self.names)) != len(self.names)):
+            raise ConfigError(f"names: need {len(self.models)} distinct names, one per model, got {self.names}")
         for pair in self.field_map:
             if "=" not in pair:
                 raise ConfigError(f"field_map: expected canonical=source, got {pair!r}")

@@ -130,7 +130,7 @@ def write_report(cfg: DemoConfig, out: Path, layers: list[int], wall: float) -> 
         "", "D_* are averaged over the mapped layer pairs, between the student's and the teacher's features on the "
         "validation split (lower is closer geometry).", "",
         "![ROUGE-L by model](eval/scores.png)", "",
-        f"TensorBoard: `tensorboard --logdir {out}` (teacher/tb, students/*/tb, eval/tb).",
+        f"TensorBoard: `tensorboard --logdir {out}` (teacher/tb, students/*/tb, eval/tensorboard).",
         f"Per-sample generations: `{out}/eval/`. Whole demo: {wall / 60:.1f} min.",
     ]
     report = "\n".join(lines) + "\n"
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     init = out / "student_init"
     save_untrained_student(cfg, data, init)
     models = [str(teacher / "model"), str(init)] + [str(out / "students" / n / "model") for n in cfg.methods]
-    run_stage(["eval", "--models", *models, "--benchmarks", str(test / "test" / "records.jsonl"), "--field_map", "output=references",
+    run_stage(["eval", "--models", *models, "--names", "teacher", "student_init", *cfg.methods, "--benchmarks", str(test / "test" / "records.jsonl"), "--field_map", "output=references",
                "--max_samples", str(cfg.eval_samples), "--max_new_tokens", str(cfg.max_new_tokens), "--seeds", *map(str, cfg.seeds), "--out", str(out / "eval")],
               log)
 

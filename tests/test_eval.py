@@ -280,6 +280,10 @@ def test_cli_config_and_names(tmp_path):
     with pytest.raises(ConfigError, match="dtype"):
         parse_config(EvalConfig, ["--models", "a", "--dtype", "fp8"])
     assert model_names(["/r/a/final", "/r/b/final", "/r/c"]) == ["a__final", "b__final", "c"]
+    named = parse_config(EvalConfig, ["--models", "x/model", "y/model", "--names", "teacher", "student"])
+    assert named.names == ["teacher", "student"]
+    with pytest.raises(ConfigError, match="names"):
+        parse_config(EvalConfig, ["--models", "a", "b", "--names", "only-one"])
 
 
 def test_two_ranks_equal_one_rank(tiny_pair, tmp_path):
