@@ -87,13 +87,19 @@ class StudentWithHeads(nn.Module):
         student_layers = sorted({s for s, _ in obj.pairs}) if keep else []
         # Hooks on the decoder layers' outputs; they are removed when the block ends, so the recomputation of a
         # checkpointed layer in backward does not fire them (and the tensors kept are the forward's own outputs).
+        # The LM head runs only where a label is predicted (prompt and padding positions carry no loss), so the
+        # vocabulary-sized logits are [N, V] for N response tokens instead of [B, T, V].
+        decoder, head = self.student.get_decoder(), self.student.get_output_embeddings()
         with record_hidden_states(self.student, student_layers) as hidden:
-            out = self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        logits = out.logits[:, :-1]
+            final = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         predict = targets != -100
+        logits = head(final[:, :-1][predict])
         terms: dict[str, Any] = {"hidden": dict(hidden)} if return_hidden else {}
-        ce = _masked_ce(logits, targets, predict)
+        if logits.shape[0] == 0:  # no response token in this micro-batch: no signal, but a graph for backward
+            ce = final.sum() * 0.0
+        else:
+            ce = F.cross_entropy(logits.float(), targets[predict])
         terms["ce"] = ce
         if obj.mode == "sft" or ce_only:
             terms["loss"] = ce
@@ -106,7 +112,7 @@ class StudentWithHeads(nn.Module):
             terms["kd"] = kd
             total = total + obj.alpha * kd
         if obj.uses_features:
-            feat = torch.zeros((), device=logits.device, dtype=torch.float32)
+            feat = torch.zeros((), device=final.device, dtype=torch.float32)
             fn = FEATURE_LOSSES.get(obj.loss)
             for (s, t), w in zip(obj.pairs, obj.weights):
                 t_feat = teacher["layers"][t]
@@ -121,17 +127,11 @@ class StudentWithHeads(nn.Module):
         return terms
 
 
-def _masked_ce(logits: Tensor, targets: Tensor, predict: Tensor) -> Tensor:
-    if not bool(predict.any()):
-        return logits.sum() * 0.0  # a micro-batch with no response token: no signal, but a graph for backward
-    return F.cross_entropy(logits[predict].float(), targets[predict])
-
-
 def kd_loss(logits: Tensor, predict: Tensor, teacher: dict[str, Any], source: str, temperature: float) -> Tensor:
-    """KL(teacher || student) over the predicting positions, from exact logits or the stored top-k."""
-    if not bool(predict.any()):
+    """KL(teacher || student) at the predicting positions (`logits`: the student's there, [N, V]), from exact
+    teacher logits (stored final hidden state @ LM-head weight) or the stored top-k log-probabilities."""
+    if logits.shape[0] == 0:
         return logits.sum() * 0.0
-    s_logits = logits[predict]
     if source == "final":
         final = teacher.get("final")
         weight = teacher.get("head_weight")
@@ -141,14 +141,14 @@ def kd_loss(logits: Tensor, predict: Tensor, teacher: dict[str, Any], source: st
         t_logits = h @ weight.T
         if teacher.get("head_bias") is not None:
             t_logits = t_logits + teacher["head_bias"]
-        return logit_kd(s_logits, t_logits, None, temperature)
+        return logit_kd(logits, t_logits, None, temperature)
     if source == "topk":
         values, indices = teacher.get("topk_values"), teacher.get("topk_indices")
         if values is None or indices is None:
             raise ValueError("top-k KD needs a store cached with --topk_logits")
         v = values[:, :-1][predict].float()
         idx = indices[:, :-1][predict].long()
-        return topk_kd(s_logits, v, idx, temperature)
+        return topk_kd(logits, v, idx, temperature)
     raise ValueError(f"unknown KD source {source!r}")
 
 

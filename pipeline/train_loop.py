@@ -138,7 +138,9 @@ def train_steps(run: Run, logger: Logger, state: dict[str, int], stop_at: int) -
                 values["lr"] = lr
                 if grad_norm is not None:
                     values["grad_norm"] = grad_norm
-                values["tokens_per_s"] = all_tokens / max(time.perf_counter() - t0, 1e-9)
+                step_s = time.perf_counter() - t0
+                values["step_s"] = step_s
+                values["tokens_per_s"] = all_tokens / max(step_s, 1e-9)
                 logger.log("train", step, values)
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)

@@ -1,0 +1,170 @@
+"""Training-step cost of distillation over SFT, for the same student and DeepSpeed engine.
+
+    .venv/bin/python bench/train_step.py [--work runs/bench_train] [--student 256x4] [--teacher 768x12]
+        [--layers 6 12] [--student_layers 2 4] [--ds_config ds_configs/zero2.json] [--steps 6] [--warmup 2]
+
+--student / --teacher: a model dir, preset:NAME, or WIDTHxLAYERS (an OPT of that shape with ffn = 4 x width,
+64-wide heads and random weights, saved under --work). The defaults keep a CPU run to minutes: the teacher has
+OPT-125M's shape, the student about 1/8 of its parameters (the GPT-2 vocabulary's embedding included), close
+to DESIGN's 1.3B -> 125M ratio.
+
+Modes, each in a fresh process (so its peak memory is its own), all on the same batches (same seed):
+  sft          cross-entropy only
+  procrustes   stored teacher features: 2 Procrustes layer pairs + KD from the stored final hidden state
+  fg           the same with the feature Gram distance
+  kd_only / procrustes_only   the two parts of `procrustes` alone (optional, to see where the cost is)
+  online       a frozen teacher forward every step (2 Procrustes pairs + KD from its logits), MiniLLM-style
+The step time is the training loop's own (`step_s` in metrics.jsonl: data wait, forward, backward, optimizer
+step, all micro-batches), median over the steps after the warm-up. Peak memory: the process's max RSS on a
+CPU, torch.cuda.max_memory_allocated on a GPU. Data: Dolly (../shared/data/instruct) prepared with the GPT-2
+tokenizer and cut to --max_len tokens; the teacher is random-weight (its speed does not depend on its values).
+Prints a markdown table for BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GEOKD_SHARED_DATA") or ROOT.parent / "shared/data/instruct")
+MODES = {
+    "sft": ["--mode", "sft"],
+    "procrustes": ["--mode", "distill", "--loss", "procrustes", "--alpha", "0.5", "--beta", "1.0"],
+    "fg": ["--mode", "distill", "--loss", "fg", "--alpha", "0.5", "--beta", "1.0"],
+    "kd_only": ["--mode", "distill", "--loss", "none", "--alpha", "0.5"],
+    "procrustes_only": ["--mode", "distill", "--loss", "procrustes", "--alpha", "0", "--beta", "1.0"],
+    "online": ["--mode", "distill", "--loss", "procrustes", "--alpha", "0.5", "--beta", "1.0",
+               "--teacher_mode", "online"],
+}
+
+
+def run(cmd: list[str]) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    return r.stdout
+
+
+def shaped_model(spec: str, work: Path, prep: Path) -> str:
+    """`WIDTHxLAYERS` -> a saved random OPT of that shape (vocabulary from the prepared data); else `spec`."""
+    if "x" not in spec or spec.startswith("preset:") or Path(spec).exists():
+        return spec
+    width, layers = (int(v) for v in spec.split("x"))
+    out = work / f"opt-{spec}"
+    if not (out / "config.json").is_file():
+        from transformers import OPTForCausalLM
+
+        from pipeline.data import PreparedData
+        from pipeline.models import preset_config
+
+        tok = PreparedData(prep).tokenizer()
+        cfg = preset_config("opt-125m", len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                            bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id)
+        cfg.update(dict(hidden_size=width, word_embed_proj_dim=width, num_hidden_layers=layers,
+                        ffn_dim=4 * width, num_attention_heads=max(1, width // 64)))
+        OPTForCausalLM(cfg).save_pretrained(out)
+        tok.save_pretrained(out)
+    return str(out)
+
+
+def child(argv: list[str]) -> None:
+    """One mode's training run in this process; prints its step times and peak memory as JSON."""
+    import torch
+
+    from pipeline.config import parse_config
+    from pipeline.train_config import TrainConfig
+    from pipeline.train_loop import read_metrics, run_training
+    from pipeline.training import setup
+
+    cfg = parse_config(TrainConfig, argv)
+    r = setup(cfg)
+    run_training(r)
+    steps = read_metrics(cfg.out)
+    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print("RESULT " + json.dumps({"step_s": [steps[s]["step_s"] for s in sorted(steps)], "peak_bytes": peak,
+                                  "tokens_per_s": [steps[s]["tokens_per_s"] for s in sorted(steps)],
+                                  "device": "cuda" if torch.cuda.is_available() else "cpu"}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="runs/bench_train")
+    ap.add_argument("--student", default="256x4")
+    ap.add_argument("--teacher", default="768x12")
+    ap.add_argument("--layers", type=int, nargs=2, default=[6, 12], help="teacher layers of the 2 pairs")
+    ap.add_argument("--student_layers", type=int, nargs=2, default=[2, 4])
+    ap.add_argument("--ds_config", default="ds_configs/zero2.json")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--max_len", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--micro_batch_size", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--modes", nargs="+", default=["sft", "procrustes", "fg", "online"], choices=list(MODES))
+    args = ap.parse_args()
+
+    work = (ROOT / args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    prep = work / "prep"
+    if not (prep / "manifest.json").is_file():
+        source = SHARED / "dolly_train_part1.jsonl"
+        if not source.is_file():
+            sys.exit(f"{source} not found (set GEOKD_SHARED_DATA)")
+        run([py, "-m", "stages.prepare", "--data", str(source), "--out", str(prep), "--tokenizer", "builtin-gpt2",
+             "--max_len", str(args.max_len), "--max_prompt_len", str(args.max_len * 3 // 4),
+             "--limit", str(args.samples)])
+    args.student, args.teacher = (shaped_model(spec, work, prep) for spec in (args.student, args.teacher))
+    feat = work / f"features-{Path(args.teacher).name.replace(':', '_')}-{'-'.join(map(str, args.layers))}"
+    if not (feat / "manifest.json").is_file():
+        run([py, "-m", "stages.cache_teacher", "--data", str(prep), "--teacher", args.teacher, "--out", str(feat),
+             "--layers", *map(str, args.layers), "--final", "--progress", "false"])
+    pairs = [f"{s}:{t}" for s, t in zip(args.student_layers, args.layers)]
+    results = {}
+    for mode in args.modes:
+        out = work / f"run_{mode}"
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        cmd = [py, str(Path(__file__).resolve()), "--child", "--data", str(prep), "--student", args.student,
+               "--out", str(out), "--ds_config", args.ds_config, "--precision", args.precision,
+               "--max_steps", str(args.warmup + args.steps), "--micro_batch_size", str(args.micro_batch_size),
+               "--valid_split", "", "--checkpoint_every", "0", "--progress", "false", "--layer_map", *pairs,
+               *MODES[mode]]
+        if mode != "sft":
+            cmd += ["--teacher", args.teacher] if mode == "online" else ["--features", str(feat)]
+        line = next(x for x in run(cmd).splitlines() if x.startswith("RESULT "))
+        results[mode] = json.loads(line[len("RESULT "):])
+        print(f"[bench] {mode}: {statistics.median(results[mode]['step_s'][args.warmup:]) * 1e3:.0f} ms/step",
+              file=sys.stderr)
+
+    base = statistics.median(results["sft"]["step_s"][args.warmup:]) if "sft" in results else None
+    device = next(iter(results.values()))["device"]
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, device {device}; "
+          f"student {args.student}, teacher {args.teacher}, pairs {' '.join(pairs)}, {args.ds_config}, "
+          f"micro-batch {args.micro_batch_size} x <= {args.max_len} tokens, median of {args.steps} steps after "
+          f"{args.warmup} warm-up\n")
+    print("| mode | ms/step | x SFT | tokens/s | peak memory (MB) |\n|---|---|---|---|---|")
+    for mode, res in results.items():
+        t = statistics.median(res["step_s"][args.warmup:])
+        tok = statistics.median(res["tokens_per_s"][args.warmup:])
+        ratio = f"{t / base:.2f}" if base else "-"
+        print(f"| {mode} | {t * 1e3:.0f} | {ratio} | {tok:.0f} | {res['peak_bytes'] / 2**20:.0f} |")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2:])
+    else:
+        main()
