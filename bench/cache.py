@@ -2,12 +2,12 @@
 storage moves D_P and D_FG on real batches, and reader throughput.
 
     .venv/bin/python bench/cache.py --data PREPARED_DIR [--teacher preset:tiny-teacher] [--layers 2 4]
-        [--max_tokens 60000] [--lowrank_k 64 32] [--reps 3] [--work /tmp/geokd-bench-cache]
+        [--max_tokens 60000] [--lowrank_k 64 32] [--reps 5] [--work /tmp/geokd-bench-cache]
 
 Works on the first units of the prepared split (as the stage cuts them) up to `--max_tokens`. Prints markdown for
 BENCHMARKS.md. Throughput: "forward only" runs `capture_hidden_states` on the same pre-collated batches and
 nothing else; "cache" is the stage's own `cache_units` (collate, forward, valid-token extraction, dtype cast,
-CRCs, safetensors write, fsync, sha256), both alternated `--reps` times and the median taken.
+CRCs, safetensors write, fsync, sha256), both alternated `--reps` times; the best and the median are reported.
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--batch_tokens", type=int, default=8192)
     p.add_argument("--lowrank_k", type=int, nargs="*", default=[64, 32])
     p.add_argument("--fit_tokens", type=int, default=20_000)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     p.add_argument("--micro_batch", type=int, default=8, help="samples per batch for the D_P / D_FG comparison")
     p.add_argument("--work", default="/tmp/geokd-bench-cache")
     args = p.parse_args()
@@ -108,12 +108,48 @@ def main() -> None:
     for _ in range(args.reps):
         fwd.append(forward_only(teacher, batches, args.layers))
         cache.append(make_store(work / "full", teacher, ds, units, args, tok)[0])
-    f, c = statistics.median(fwd), statistics.median(cache)
-    print("| path | seconds (median of %d) | tok/s |\n|---|---|---|" % args.reps)
-    print(f"| teacher forward only | {f:.2f} | {n_tokens / f:,.0f} |")
-    print(f"| cache (forward + extract + write + checksums) | {c:.2f} | {n_tokens / c:,.0f} |")
-    print(f"\ncache / forward-only throughput: **{f / c:.3f}** (all reps: fwd {[round(x, 2) for x in fwd]}, "
-          f"cache {[round(x, 2) for x in cache]})\n")
+    # On a shared machine other jobs only ever add time, so the best rep is the cleanest estimate.
+    print(f"| path | best of {args.reps} (s) | median (s) | tok/s (best) |\n|---|---|---|---|")
+    print(f"| teacher forward only | {min(fwd):.2f} | {statistics.median(fwd):.2f} | {n_tokens / min(fwd):,.0f} |")
+    print(f"| cache (forward + extract + write + checksums) | {min(cache):.2f} | {statistics.median(cache):.2f} | "
+          f"{n_tokens / min(cache):,.0f} |")
+    print(f"\ncache / forward-only throughput: **{min(fwd) / min(cache):.3f}** from the best reps, "
+          f"{statistics.median(fwd) / statistics.median(cache):.3f} from the medians (all reps: fwd "
+          f"{[round(x, 2) for x in fwd]}, cache {[round(x, 2) for x in cache]})\n")
+
+    # The cache's own work timed apart from the forward: short, repeatable, so the best rep is robust to other jobs.
+    masks = [b["attention_mask"] for b in batches]
+    with torch.no_grad():
+        captured = [capture_hidden_states(teacher, b["input_ids"], m, args.layers) for b, m in zip(batches, masks)]
+    extract = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        for hs, m in zip(captured, masks):
+            fc.extract_rows(hs, m, args.layers, final=False, topk=0, store_dtype=DTYPES[args.dtype], lowrank={})
+        extract.append(time.perf_counter() - t0)
+    del captured
+    results = [fc.compute_unit(teacher, ds, a, b, layers=args.layers, final=False, topk=0,
+                               store_dtype=DTYPES[args.dtype], lowrank={}, pad_id=tok.pad_token_id,
+                               batch_tokens=args.batch_tokens, max_batch_size=64, device=torch.device("cpu"))
+               for a, b in units]
+    write = []
+    for _ in range(args.reps):
+        shutil.rmtree(work / "write", ignore_errors=True)
+        (work / "write" / "shards").mkdir(parents=True)
+        t0 = time.perf_counter()
+        for u, r in enumerate(results):
+            fc.write_unit(work / "write", u, r, "bench", None)
+        write.append(time.perf_counter() - t0)
+    us = lambda seconds: 1e6 * seconds / n_tokens  # noqa: E731
+    fw, ex, wr = us(min(fwd)), us(min(extract)), us(min(write))
+    stored_mb = sum(t.numel() * t.element_size() for r in results for t in r["tensors"].values()) / 1e6
+    print("| step (best of %d) | us/token |\n|---|---|" % args.reps)
+    print(f"| teacher forward | {fw:.2f} |\n| valid-row extraction + cast + copy to host | {ex:.3f} |")
+    print(f"| shard write: CRCs, safetensors, fsync, sha256, sidecar ({stored_mb:.1f} MB, "
+          f"{stored_mb / min(write):.0f} MB/s) | {wr:.3f} |")
+    print(f"\nratio if nothing overlapped: {fw / (fw + ex + wr):.3f}; the writer thread overlaps the write with "
+          f"the next unit's forward where cores are free (a GPU run)\n")
+    del results
 
     # 2. Bytes per token, full vs low-rank; 3. D_P / D_FG on real batches with full vs low-rank teacher features.
     _, full_manifest = make_store(work / "full", teacher, ds, units, args, tok)
@@ -172,11 +208,13 @@ def main() -> None:
               f"{n * bytes_per_token / dt / 1e9:.2f} |")
     loader = torch.utils.data.DataLoader(
         FeatureDataset(ds, FeatureStore(work / "full")), batch_size=16, num_workers=2, sampler=positions,
-        collate_fn=lambda items: collate_with_features(items, tok.pad_token_id, torch.float32))
+        collate_fn=lambda items: collate_with_features(items, tok.pad_token_id))  # stored dtype, as training does
+    batches_iter = iter(loader)
+    next(batches_iter)  # worker start-up (fork, first opens) is a once-per-epoch cost, not throughput
     t0 = time.perf_counter()
-    n = sum(int(b["attention_mask"].sum()) for b in loader)
+    n = sum(int(b["attention_mask"].sum()) for b in batches_iter)
     dt = time.perf_counter() - t0
-    print(f"| DataLoader, 2 workers, batches of 16 padded to [B,T,d] fp32 | {n / dt:,.0f} | "
+    print(f"| DataLoader, 2 workers, batches of 16 padded to [B,T,d] {args.dtype}, after the first batch | {n / dt:,.0f} | "
           f"{n * bytes_per_token / dt / 1e9:.2f} |")
 
 

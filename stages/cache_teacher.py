@@ -11,6 +11,7 @@ pipeline/feature_cache.py.
 """
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class CacheConfig:
     shard_tokens: int = field(default=65_536, metadata={"help": "tokens per shard (unit of work and of resume)"})
     batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per teacher batch"})
     max_batch_size: int = field(default=64, metadata={"help": "samples per teacher batch at most"})
+    writer_threads: int = field(default=0, metadata={"help": "threads writing and hashing shards; 0 = by core count"})
     verify: bool = field(default=False, metadata={"help": "only verify the store in --out"})
     finalize: bool = field(default=False, metadata={"help": "only write the manifest of --out"})
     progress: bool = field(default=True, metadata={"help": "progress bar on rank 0"})
@@ -172,9 +174,10 @@ def run(cfg: CacheConfig) -> int:
     bar = tqdm(total=tokens(mine), initial=tokens(mine) - tokens(todo), unit="tok", unit_scale=True,
                desc="cache", disable=not (dist.is_main and cfg.progress), dynamic_ncols=True, mininterval=1.0)
     fc.cache_units(model, dataset, out, units, todo, plan_fp=plan["fingerprint"], lowrank_sha=lowrank_sha,
-                   layers=cfg.layers, final=cfg.final, topk=cfg.topk_logits, store_dtype=DTYPES[cfg.dtype],
-                   lowrank=lowrank, pad_id=tok.pad_token_id, batch_tokens=cfg.batch_tokens,
-                   max_batch_size=cfg.max_batch_size, device=input_device, on_tokens=bar.update)
+                   writers=cfg.writer_threads or fc.default_writer_threads(), layers=cfg.layers, final=cfg.final,
+                   topk=cfg.topk_logits, store_dtype=DTYPES[cfg.dtype], lowrank=lowrank, pad_id=tok.pad_token_id,
+                   batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size, device=input_device,
+                   on_tokens=bar.update)
     bar.close()
 
     barrier(dist.world_size)
@@ -219,11 +222,7 @@ def load_teacher(cfg: CacheConfig, tok, dtype: torch.dtype, device: torch.device
             param_bytes = n * torch.finfo(dtype).bits // 8
         else:
             param_bytes = fc.checkpoint_param_bytes(Path(cfg.teacher), dtype) or 0
-        try:
-            import accelerate  # noqa: F401
-            have_accelerate = True
-        except ImportError:
-            have_accelerate = False
+        have_accelerate = importlib.util.find_spec("accelerate") is not None
         placement = fc.teacher_placement(param_bytes, torch.cuda.mem_get_info(device)[1], gpus, world_size,
                                          have_accelerate)
     if placement == "device_map":

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline import feature_cache as fc
-from pipeline.data import PreparedData, collate_batch
+from pipeline.data import PreparedData
 from pipeline.feature_store import (
     FeatureDataset, FeatureStore, StoreError, collate_with_features, shard_file,
 )
@@ -65,7 +65,8 @@ def test_sigkill_then_rerun_gives_the_same_store(reference, prepared_tiny, tiny_
     with pytest.raises(StoreError, match="caching did not finish"):
         FeatureStore(out)
 
-    assert main(cache_args(prepared_tiny, tiny_pair.teacher, out, *BIG_ARGS)) == 0
+    # Resumed with 3 writer threads (the killed run had 1): thread count must not change a byte either.
+    assert main(cache_args(prepared_tiny, tiny_pair.teacher, out, *BIG_ARGS, "--writer_threads", "3")) == 0
     assert f"{done} of this rank's {n_units} already done" in capsys.readouterr().out
     assert shard_checksums(out) == shard_checksums(reference)
     assert not list(out.rglob("*.tmp"))
