@@ -89,7 +89,8 @@ def check_output_folder(out: Path, plan: dict[str, Any]) -> str:
     """'new', 'resume' or 'complete' for this plan in `out`; refuses a folder holding anything else, naming why."""
     if out.exists() and not out.is_dir():
         raise StoreError(f"output {out} exists and is not a folder")
-    if not out.exists() or not any(out.iterdir()):
+    # A run killed before its plan was written leaves at most a temp file: that folder is still "new".
+    if not out.exists() or all(p.name.startswith(".") and p.name.endswith(".tmp") for p in out.iterdir()):
         return "new"
     if not (out / PLAN).is_file():
         raise StoreError(f"output folder {out} is not empty and holds no feature store; choose another --out")
@@ -106,13 +107,14 @@ def check_output_folder(out: Path, plan: dict[str, Any]) -> str:
 def prepare_output_folder(out: Path, plan: dict[str, Any], needed_bytes: int) -> None:
     """Create `out`, write the plan, drop temp files of killed runs; clean errors when it cannot be written."""
     try:
-        (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StoreError(f"cannot create output folder {out}: {e.strerror or e}") from e
     check_free_space(out, needed_bytes)
     try:
-        if not (out / PLAN).is_file():
+        if not (out / PLAN).is_file():  # first, so a folder with anything of ours in it always has its plan
             write_json_atomic(out / PLAN, plan)
+        (out / SHARD_DIR).mkdir(exist_ok=True)
     except OSError as e:
         raise StoreError(f"cannot write to output folder {out}: {e.strerror or e}") from e
     for stale in list(out.glob(".*.tmp")) + list((out / SHARD_DIR).glob(".*.tmp")):

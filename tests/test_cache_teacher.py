@@ -176,6 +176,12 @@ def test_mismatched_rerun_is_refused_naming_what_differs(reference, prepared_tin
 def test_verify_names_damaged_shards_and_rerun_repairs(reference, prepared_tiny, tiny_pair, tmp_path, capsys):
     out = tmp_path / "copy"
     shutil.copytree(reference, out)
+    # Killed after the last shard but before the manifest: --finalize (or a rerun) completes it from the sidecars.
+    (out / "manifest.json").unlink()
+    assert main(["--verify", "--out", str(out)]) == 1
+    assert "not finished, 0 of" in capsys.readouterr().err
+    assert main(["--finalize", "--out", str(out)]) == 0
+    assert shard_checksums(out) == shard_checksums(reference)
     assert main(["--verify", "--out", str(out)]) == 0
     assert "OK" in capsys.readouterr().out
     n_units = len(shard_checksums(out))

@@ -175,6 +175,10 @@ def test_output_folder_refusals(tmp_path):
     other = fc.make_plan({**plan["content"], "layers": [2, 4], "teacher_fingerprint": "z" * 64}, plan["units"], {})
     with pytest.raises(StoreError, match=r"another layers \(store: \[2, 'final'\], this run: \[2, 4\]\); teacher"):
         fc.check_output_folder(tmp_path / "store", other)
+    # A run killed while writing its plan left only the plan's temp file: the folder counts as new.
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / ".plan.json.x1.tmp").write_text("{")
+    assert fc.check_output_folder(tmp_path / "early", plan) == "new"
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(StoreError, match="not empty and holds no feature store"):
