@@ -60,11 +60,11 @@ def run(args: list[str]) -> None:
     assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
-def test_opt13b_to_1_3b_recipe_runs_on_same_depth_tiny_models(tmp_path):
-    recipe = ROOT / "configs" / "opt13b-to-1.3b"
-    tok = load_tokenizer("builtin-gpt2")
-    teacher0 = tiny_like(40, 16, tok, tmp_path / "opt13b-shape")
-    student0 = tiny_like(24, 16, tok, tmp_path / "opt1.3b-shape")
+def test_opt1_3b_to_125m_recipe_runs_on_same_depth_tiny_models(tmp_path):
+    recipe = ROOT / "configs" / "opt1.3b-to-125m"
+    tok = load_tokenizer("builtin-tiny")  # a small vocabulary keeps the LM head cheap; the recipe reads it from the dir
+    teacher0 = tiny_like(24, 16, tok, tmp_path / "opt1.3b-shape")
+    student0 = tiny_like(12, 16, tok, tmp_path / "opt125m-shape")
     records = tmp_path / "dolly.jsonl"
     with open(records, "w") as f:
         for i in range(24):
@@ -86,7 +86,7 @@ def test_opt13b_to_1_3b_recipe_runs_on_same_depth_tiny_models(tmp_path):
          "--valid_features", str(r / "features" / "valid"), "--out", str(r / "student"), *cpu])
     metrics = [json.loads(line) for line in open(r / "student" / "metrics.jsonl")]
     valid = [m for m in metrics if m["split"] == "valid"][-1]
-    assert {"D_P/s12_t20", "D_P/s24_t40"} <= set(valid)  # the recipe's layer map, measured on validation
+    assert {"D_P/s6_t12", "D_P/s12_t24"} <= set(valid)  # the recipe's layer map, measured on validation
     run(["eval", "--config", str(recipe / "eval.yaml"), "--models", str(r / "student" / "model"),
          "--benchmarks", str(r / "data" / "valid" / "records.jsonl"), "--field_map", "output=references", "--max_samples", "3", "--greedy", "--max_new_tokens", "4",
          "--dtype", "float32", "--out", str(r / "eval")])
