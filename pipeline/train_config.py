@@ -14,7 +14,7 @@ TEACHER_MODES = ("auto", "stored", "online")
 # Fields that may change between a run and its --resume without changing what is trained.
 RESUME_FREE_FIELDS = frozenset({
     "resume", "stop_after", "nproc", "local_rank", "num_workers", "prefetch_factor", "progress", "log_every",
-    "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples", "valid_features",
+    "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples", "valid_features", "out",
 })
 
 
