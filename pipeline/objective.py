@@ -49,14 +49,6 @@ class Objective:
     def teacher_layers(self) -> list[int]:
         return sorted({t for _, t in self.pairs}) if self.uses_features else []
 
-    def term_names(self) -> list[str]:
-        names = ["loss", "ce"]
-        if self.uses_kd:
-            names.append("kd")
-        if self.uses_features:
-            names += [pair_name(self.loss, s, t) for s, t in self.pairs]
-        return names
-
 
 def pair_name(loss: str, s: int, t: int) -> str:
     return f"{loss}/s{s}_t{t}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 from pipeline.config import ConfigError, parse_config
 from pipeline.runtime import free_port
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.nproc > 1 and "RANK" not in os.environ:
         return relaunch_under_torchrun(cfg.nproc, argv)
 
+    # DeepSpeed 0.19's ZeRO-3 calls torch collectives that torch 2.13 marks deprecated, once per bucket and step:
+    # hundreds of identical lines that bury the progress bar. Nothing for a user to act on.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r".*(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
     from pipeline.train_loop import run_training
     from pipeline.training import setup
 
