@@ -20,12 +20,17 @@ class ConfigError(ValueError):
     """A config file or option the stage cannot use; the message names the file and field."""
 
 
+def read_config_text(path: str | Path, what: str = "config") -> str:
+    """The text of a config file, or a ConfigError naming the file and why it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from e
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+    text = read_config_text(path)
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:

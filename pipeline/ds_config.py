@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, read_config_text
 
 AUTO = "auto"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -41,10 +41,7 @@ class EngineSettings:
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read DeepSpeed config {path}: {e.strerror}") from e
+    text = read_config_text(path, "DeepSpeed config")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
