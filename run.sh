@@ -55,7 +55,7 @@ case "$cmd" in
     eval)
         setup; runtime_env; exec "$PY" -m eval "$@" ;;
     help|-h|--help)
-        sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' ;;
+        sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' ;;
     *)
-        echo "unknown command '$cmd'" >&2; sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+        echo "unknown command '$cmd'" >&2; sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac
