@@ -23,7 +23,8 @@ from eval.generate import GenerationSettings, encode_prompts, generate_all, plan
 from eval.report import write_reports
 from eval.scoring import aggregate, score_all
 from pipeline.config import ConfigError
-from pipeline.io import atomic_path, read_json, sha256_json, write_json_atomic
+from pipeline.io import atomic_path, read_json, write_json_atomic
+from pipeline.tokenizer import tokenizer_fingerprint
 from pipeline.runtime import dist_info, pick_device
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -60,10 +61,6 @@ def model_dir_fingerprint(path: Path) -> str:
             fh.seek(max(0, size - (8 << 20)))
             h.update(fh.read())
     return h.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    return sha256_json([type(tokenizer).__name__, tokenizer.get_vocab(), tokenizer.all_special_tokens])
 
 
 def resolve_dtype(name: str) -> torch.dtype:
