@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.runtime import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -199,7 +201,7 @@ def test_two_ranks_killed_then_resumed_as_two_nodes_match_one_rank(driver, prepa
     killed_at = int(latest.read_text().strip().removeprefix("step"))
     assert 3 <= killed_at < STEPS and not (out / "model").exists()
 
-    port = str(_free_port())
+    port = str(free_port())
     node_cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                 "--master_addr", "127.0.0.1", "--master_port", port]
     nodes = [subprocess.Popen([*node_cmd, "--node_rank", str(r), "-m", "stages.train", *args, "--resume"],
@@ -244,12 +246,6 @@ def kill_tree(pid: int) -> None:
             p.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
             pass
-
-
-def _free_port() -> int:
-    from pipeline.runtime import free_port
-
-    return free_port()
 
 
 def test_bad_inputs_fail_before_any_engine_with_the_input_named(prepared_tiny, tiny_pair, stores, tmp_path):
