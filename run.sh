@@ -48,12 +48,8 @@ case "$cmd" in
         setup; runtime_env
         export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
         exec "$PY" -m stages.demo "$@" ;;
-    prepare|train|synthetic)
+    prepare|cache|train|eval|synthetic)
         setup; runtime_env; exec "$PY" -m "stages.$cmd" "$@" ;;
-    cache)
-        setup; runtime_env; exec "$PY" -m stages.cache_teacher "$@" ;;
-    eval)
-        setup; runtime_env; exec "$PY" -m eval "$@" ;;
     help|-h|--help)
         sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' ;;
     *)

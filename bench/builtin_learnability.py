@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from rouge_score import rouge_scorer
 
-from pipeline.data import PreparedData, collate_batch
+from pipeline.data.prepared import PreparedData, collate_batch
 from pipeline.models import load_model
-from stages.prepare import PrepareConfig, run
+from pipeline.data.config import PrepareConfig  # noqa: E402
+from stages.prepare import run  # noqa: E402
 
 
 @torch.no_grad()

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline import feature_cache as fc  # noqa: E402
-from pipeline.data import PreparedData, collate_batch  # noqa: E402
-from pipeline.feature_store import (  # noqa: E402
-    DTYPES, LOWRANK_FILE, FeatureDataset, FeatureStore, collate_with_features, save_tensors,
-)
+from pipeline.features import cache  # noqa: E402
+from pipeline.features import plan as store_plan  # noqa: E402
+from pipeline.features.lowrank import fit_lowrank, load_lowrank  # noqa: E402
+from pipeline.data.prepared import PreparedData, collate_batch  # noqa: E402
+from pipeline.features.format import DTYPES, LOWRANK_FILE, write_lowrank  # noqa: E402
+from pipeline.features.store import FeatureDataset, FeatureStore, collate_with_features  # noqa: E402
 from pipeline.geometry import feature_gram_distance, procrustes_distance  # noqa: E402
 from pipeline.io import sha256_file  # noqa: E402
 from pipeline.models import capture_hidden_states, layer_map, load_model, num_decoder_layers  # noqa: E402
@@ -41,24 +42,23 @@ def make_store(out: Path, model, ds, units, args, tok, lowrank_k: int = 0) -> tu
                "topk_logits": 0, "lowrank": {"k": lowrank_k} if lowrank_k else None,
                "shard_tokens": args.shard_tokens, "batch_tokens": args.batch_tokens, "max_batch_size": 64}
     dims = {str(k): {"d": int(model.config.hidden_size)} for k in args.layers}
-    plan = fc.make_plan(content, units, {"teacher": {"spec": args.teacher, "n_layers": 0, "vocab_size": 0},
-                                         "data_path": args.data, "dims": dims, "config": {}})
-    fc.prepare_output_folder(out, plan, 0)
+    plan = store_plan.make_plan(content, units, {"teacher": {"spec": args.teacher, "n_layers": 0, "vocab_size": 0},
+                                                 "data_path": args.data, "dims": dims, "config": {}})
+    store_plan.prepare_output_folder(out, plan, 0)
     lowrank, lowrank_sha = {}, None
     if lowrank_k:
-        tensors, report = fc.fit_lowrank(model, ds, args.layers, k=lowrank_k, energy=0.0,
-                                         fit_tokens=args.fit_tokens, seed=0, pad_id=tok.pad_token_id,
-                                         batch_tokens=args.batch_tokens, max_batch_size=64,
-                                         device=torch.device("cpu"))
-        save_tensors(out / LOWRANK_FILE, tensors, {"plan": plan["fingerprint"], "report": report})
-        lowrank, lowrank_sha = fc.load_lowrank(out / LOWRANK_FILE, torch.device("cpu")), sha256_file(out / LOWRANK_FILE)
+        bases, report = fit_lowrank(model, ds, args.layers, k=lowrank_k, energy=0.0, fit_tokens=args.fit_tokens,
+                                    seed=0, pad_id=tok.pad_token_id, batch_tokens=args.batch_tokens,
+                                    max_batch_size=64, device=torch.device("cpu"))
+        write_lowrank(out / LOWRANK_FILE, bases, {"plan": plan["fingerprint"], "report": report})
+        lowrank, lowrank_sha = load_lowrank(out / LOWRANK_FILE, torch.device("cpu")), sha256_file(out / LOWRANK_FILE)
     t0 = time.perf_counter()
-    fc.cache_units(model, ds, out, units, range(len(units)), plan_fp=plan["fingerprint"], lowrank_sha=lowrank_sha,
-                   layers=args.layers, final=False, topk=0, store_dtype=DTYPES[args.dtype], lowrank=lowrank,
-                   pad_id=tok.pad_token_id, batch_tokens=args.batch_tokens, max_batch_size=64,
-                   device=torch.device("cpu"))
+    cache.cache_units(model, ds, out, units, range(len(units)), plan_fp=plan["fingerprint"], lowrank_sha=lowrank_sha,
+                      layers=args.layers, final=False, topk=0, store_dtype=DTYPES[args.dtype], lowrank=lowrank,
+                      pad_id=tok.pad_token_id, batch_tokens=args.batch_tokens, max_batch_size=64,
+                      device=torch.device("cpu"))
     seconds = time.perf_counter() - t0
-    return seconds, fc.finalize_store(out, plan, config={}, wall_s=seconds)
+    return seconds, store_plan.finalize_store(out, plan, config={}, wall_s=seconds)
 
 
 @torch.no_grad()
@@ -91,7 +91,7 @@ def main() -> None:
     data = PreparedData(args.data)
     ds, tok = data.split(args.split), data.tokenizer()
     teacher = load_model(args.teacher, tokenizer=tok, seed=0).eval()
-    units = fc.plan_units(ds.lengths, args.shard_tokens)
+    units = store_plan.plan_units(ds.lengths, args.shard_tokens)
     cum = np.cumsum([ds.lengths[a:b].sum() for a, b in units])
     units = units[: int(np.searchsorted(cum, args.max_tokens)) + 1]
     n_tokens = int(sum(ds.lengths[a:b].sum() for a, b in units))
@@ -102,7 +102,7 @@ def main() -> None:
 
     # 1. Throughput: forward only vs the whole cache path, alternated.
     batches = [collate_batch([ds[i] for i in b], tok.pad_token_id) for a, c in units
-               for b in fc.length_batches(ds.lengths, range(a, c), args.batch_tokens, 64)]
+               for b in store_plan.length_batches(ds.lengths, range(a, c), args.batch_tokens, 64)]
     forward_only(teacher, batches[:1], args.layers)  # warm-up
     fwd, cache = [], []
     for _ in range(args.reps):
@@ -125,10 +125,10 @@ def main() -> None:
     for _ in range(args.reps):
         t0 = time.perf_counter()
         for hs, m in zip(captured, masks):
-            fc.extract_rows(hs, m, args.layers, final=False, topk=0, store_dtype=DTYPES[args.dtype], lowrank={})
+            cache.extract_rows(hs, m, args.layers, final=False, topk=0, store_dtype=DTYPES[args.dtype], lowrank={})
         extract.append(time.perf_counter() - t0)
     del captured
-    results = [fc.compute_unit(teacher, ds, a, b, layers=args.layers, final=False, topk=0,
+    results = [cache.compute_unit(teacher, ds, a, b, layers=args.layers, final=False, topk=0,
                                store_dtype=DTYPES[args.dtype], lowrank={}, pad_id=tok.pad_token_id,
                                batch_tokens=args.batch_tokens, max_batch_size=64, device=torch.device("cpu"))
                for a, b in units]
@@ -138,7 +138,7 @@ def main() -> None:
         (work / "write" / "shards").mkdir(parents=True)
         t0 = time.perf_counter()
         for u, r in enumerate(results):
-            fc.write_unit(work / "write", u, r, "bench", None)
+            cache.write_unit(work / "write", u, r, "bench", None)
         write.append(time.perf_counter() - t0)
     us = lambda seconds: 1e6 * seconds / n_tokens  # noqa: E731
     fw, ex, wr = us(min(fwd)), us(min(extract)), us(min(write))

@@ -31,7 +31,7 @@ from eval.scoring import rouge_l  # noqa: E402
 def small_opt():
     from transformers import OPTConfig, OPTForCausalLM
 
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer("builtin-gpt2")
     torch.manual_seed(0)

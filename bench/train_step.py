@@ -68,7 +68,7 @@ def shaped_model(spec: str, work: Path, prep: Path) -> str:
     if not (out / "config.json").is_file():
         from transformers import OPTForCausalLM
 
-        from pipeline.data import PreparedData
+        from pipeline.data.prepared import PreparedData
         from pipeline.models import preset_config
 
         tok = PreparedData(prep).tokenizer()
@@ -86,9 +86,10 @@ def child(argv: list[str]) -> None:
     import torch
 
     from pipeline.config import parse_config
-    from pipeline.train_config import TrainConfig
-    from pipeline.train_loop import read_metrics, run_training
-    from pipeline.training import setup
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.loop import read_metrics
+    from stages.train import train as run_training
+    from pipeline.train.setup import setup
 
     cfg = parse_config(TrainConfig, argv)
     r = setup(cfg)
@@ -135,7 +136,7 @@ def main() -> None:
     args.student, args.teacher = (shaped_model(spec, work, prep) for spec in (args.student, args.teacher))
     feat = work / f"features-top32-{Path(args.teacher).name.replace(':', '_')}-{'-'.join(map(str, args.layers))}"
     if not (feat / "manifest.json").is_file():
-        run([py, "-m", "stages.cache_teacher", "--data", str(prep), "--teacher", args.teacher, "--out", str(feat),
+        run([py, "-m", "stages.cache", "--data", str(prep), "--teacher", args.teacher, "--out", str(feat),
              "--layers", *map(str, args.layers), "--final", "--topk_logits", "32", "--progress", "false"])
     pairs = [f"{s}:{t}" for s, t in zip(args.student_layers, args.layers)]
     results: dict[str, dict] = {}

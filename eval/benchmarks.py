@@ -10,14 +10,15 @@ and `output`: one reference string or a list of them (ROUGE-L takes the best).
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from pipeline.io import sha256_file, sha256_json
-from pipeline.prompts import render_prompt
+from pipeline.data.prompts import render_prompt
+from pipeline.data.sources import OUR_FIELDS
+from pipeline.errors import DataError
+from pipeline.io import read_jsonl as read_jsonl_lines, sha256_file, sha256_json
 
 # name -> (file in the data folder, canonical field -> field in that file)
 REGISTRY: dict[str, tuple[str, dict[str, str]]] = {
@@ -27,10 +28,10 @@ REGISTRY: dict[str, tuple[str, dict[str, str]]] = {
     "sinst": ("sinst_test.jsonl", {}),
     "uinst": ("uinst_short_test.jsonl", {}),
 }
-CANONICAL_FIELDS = ("prompt", "instruction", "input", "output")
+CANONICAL_FIELDS = OUR_FIELDS  # the field names prepare uses: one vocabulary for both
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(DataError):
     """A benchmark that cannot be read; the message names the file, line and field."""
 
 
@@ -93,20 +94,13 @@ def record_to_sample(record: Any, index: int, fields: dict[str, str], where: str
 def read_jsonl(path: Path, fields: dict[str, str], max_samples: int = 0) -> list[Sample]:
     samples: list[Sample] = []
     try:
-        handle = open(path, encoding="utf-8")
-    except OSError as e:
-        raise BenchmarkError(f"cannot read benchmark {path}: {e.strerror}") from e
-    with handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            if max_samples and len(samples) >= max_samples:
-                break
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BenchmarkError(f"{path}:{lineno}: not valid JSON: {e.msg}") from e
-            samples.append(record_to_sample(record, len(samples), fields, f"{path}:{lineno}"))
+        lines = read_jsonl_lines(path)
+    except DataError as e:
+        raise BenchmarkError(str(e)) from None
+    for lineno, record in lines:
+        if max_samples and len(samples) >= max_samples:
+            break
+        samples.append(record_to_sample(record, len(samples), fields, f"{path}:{lineno}"))
     if not samples:
         raise BenchmarkError(f"{path}: no records")
     return samples

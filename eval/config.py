@@ -5,7 +5,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import ConfigError
+from pipeline.data.sources import parse_field_map
+from pipeline.errors import ConfigError, DataError
+from pipeline.runtime import dtype_name
 
 ALL_BENCHMARKS = ["dolly", "self_inst", "vicuna", "sinst", "uinst"]
 
@@ -43,7 +45,8 @@ class EvalConfig:
     seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
     greedy: bool = field(default=False, metadata={"help": "greedy decoding, one pass instead of one per seed"})
     batch_size: int = 8
-    dtype: str = field(default="auto", metadata={"help": "auto (fp32 on CPU, bf16/fp16 on GPU) | float32 | bfloat16 | float16"})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto (fp32 on CPU, bf16/fp16 on GPU) | fp32 | bf16 | fp16 (or float32, bfloat16, float16)"})
     max_prompt_length: int = 256
     max_length: int = 512
     max_new_tokens: int = field(
@@ -60,8 +63,7 @@ class EvalConfig:
     no_repeat_ngram_size: int = 6
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype: expected auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        dtype_name(self.dtype, "dtype", allow_auto=True)  # the same names as cache and train
         if self.prompt_truncation not in ("left", "right"):
             raise ConfigError(f"prompt_truncation: expected left or right, got {self.prompt_truncation!r}")
         if self.batch_size < 1:
@@ -81,9 +83,10 @@ class EvalConfig:
             raise ConfigError("sampling: need 0 < top_p <= 1, top_k >= 0 (0 = off), temperature > 0")
         if self.names and (len(self.names) != len(self.models) or len(set(self.names)) != len(self.names)):
             raise ConfigError(f"names: need {len(self.models)} distinct names, one per model, got {self.names}")
-        for pair in self.field_map:
-            if "=" not in pair:
-                raise ConfigError(f"field_map: expected canonical=source, got {pair!r}")
+        try:
+            self.fields()
+        except DataError as e:
+            raise ConfigError(str(e)) from None
 
     def budget(self) -> int:
         """New tokens per sample. Fixed per sample (not per batch) so a result never depends on its batch-mates."""
@@ -94,4 +97,5 @@ class EvalConfig:
         return [None] if self.greedy else list(self.seeds)
 
     def fields(self) -> dict[str, str]:
-        return dict(pair.split("=", 1) for pair in self.field_map)
+        """The field map as {our name: the set's name}; no field is required (a set may carry `prompt`)."""
+        return parse_field_map(self.field_map, option="--field_map", required=())

@@ -15,6 +15,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from pipeline.errors import ConfigError, DataError
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -110,7 +112,7 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[tuple[int, str]], max_promp
                     head += 1
                 ids = ids[:head] + ids[len(ids) - (max_prompt_length - head):]
         if not ids:
-            raise ValueError(f"sample {index}: prompt tokenizes to nothing")
+            raise DataError(f"sample {index}: prompt tokenizes to nothing")
         encoded.append(EncodedPrompt(index=index, ids=tuple(ids), truncated=dropped))
     return encoded
 
@@ -123,7 +125,7 @@ def plan_batches(encoded: Sequence[EncodedPrompt], batch_size: int) -> list[list
 
 def _eos_ids(tokenizer: Any) -> list[int]:
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token: generation could not stop")
+        raise ConfigError("the tokenizer has no eos_token: generation could not stop")
     return [tokenizer.eos_token_id]
 
 

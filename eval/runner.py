@@ -9,7 +9,6 @@ A seed file appears only when complete (atomic rename), so a rerun regenerates e
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -22,13 +21,14 @@ from eval.config import EvalConfig
 from eval.generate import GenerationSettings, encode_prompts, generate_all, plan_batches
 from eval.report import write_reports
 from eval.scoring import aggregate, score_all
-from pipeline.config import ConfigError
+from pipeline.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from pipeline.errors import ConfigError, DataError
 from pipeline.io import atomic_path, read_json, write_json_atomic
-from pipeline.tokenizer import tokenizer_fingerprint
-from pipeline.runtime import dist_info, pick_device
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
+from pipeline.models import quick_model_fingerprint
+from pipeline.runtime import (
+    barrier, broadcast_object, destroy_process_group, dist_info, gather_lists, init_process_group, pick_device,
+    torch_dtype,
+)
 
 def model_names(paths: Sequence[str]) -> list[str]:
     """Per model, the shortest path suffix no other model shares ('a__final', 'b__final', 'c')."""
@@ -46,45 +46,10 @@ def model_names(paths: Sequence[str]) -> list[str]:
     return names
 
 
-def model_dir_fingerprint(path: Path) -> str:
-    """Hash of config.json and the weight files' names, sizes, heads and tails.
-
-    Reading whole multi-GB checkpoints on every rerun would cost minutes; a retrained or replaced checkpoint
-    changes its header and first/last bytes.
-    """
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(8 << 20))
-            fh.seek(max(0, size - (8 << 20)))
-            h.update(fh.read())
-    return h.hexdigest()
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, name)
-
-
-def load_tokenizer_for(model_dir: str, tokenizer_dir: str = ""):
-    from transformers import AutoTokenizer
-
-    path = tokenizer_dir or model_dir
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"no usable tokenizer in {path} ({e}); pass --tokenizer DIR") from e
-
-
 def load_model_and_tokenizer(model_dir: str, tokenizer_dir: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer_for(model_dir, tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
     return model.to(device).eval(), tokenizer
 
@@ -103,11 +68,11 @@ def read_run(path: Path, bench: Benchmark) -> list[float]:
                 scores.append(float(record["score"]))
                 index = record["index"]
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{lineno}: not a generation record ({e})") from e
+                raise DataError(f"{path}:{lineno}: not a generation record ({e})") from e
             if index != lineno - 1:
-                raise ValueError(f"{path}:{lineno}: sample index {index}, expected {lineno - 1}")
+                raise DataError(f"{path}:{lineno}: sample index {index}, expected {lineno - 1}")
     if len(scores) != len(bench.samples):
-        raise ValueError(
+        raise DataError(
             f"{path}: {len(scores)} generations but {bench.name} has {len(bench.samples)} samples; "
             "generations and references must match (remove the file to regenerate it)"
         )
@@ -146,29 +111,6 @@ def _write_run(path: Path, bench: Benchmark, records: list[dict[str, Any]], seed
     return scores
 
 
-def _init_distributed(world_size: int) -> bool:
-    if world_size <= 1 or torch.distributed.is_initialized():
-        return False
-    torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return True
-
-
-def _broadcast(obj: Any, world_size: int) -> Any:
-    if world_size <= 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _gather(records: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
-    if world_size <= 1:
-        return records
-    parts: list[Any] = [None] * world_size
-    torch.distributed.all_gather_object(parts, records)
-    return [r for part in parts for r in part]
-
-
 def _summary(folder: Path, bench: Benchmark, config: EvalConfig) -> dict[str, Any]:
     """Aggregate a (model, set) pair from its seed files on disk: resumed and fresh seeds alike."""
     per_seed, tokens, truncated = {}, [], 0
@@ -191,8 +133,8 @@ def _plan(config: EvalConfig, names: list[str], benches: list[Benchmark], protoc
     _check_record(out / "protocol.json", protocol, "generation protocol", (out / "generations").exists())
     pending: dict[str, dict[str, list[int | None]]] = {}
     for model_dir, name in zip(config.models, names):
-        tokenizer = load_tokenizer_for(model_dir, config.tokenizer)
-        model_fp = model_dir_fingerprint(Path(model_dir))
+        tokenizer = load_tokenizer(config.tokenizer or model_dir)
+        model_fp = quick_model_fingerprint(Path(model_dir))
         for bench in benches:
             folder = out / "generations" / name / bench.name
             identity = {"model_fingerprint": model_fp, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
@@ -215,9 +157,9 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         if not (Path(model_dir) / "config.json").is_file():
             raise ConfigError(f"model {model_dir}: not a Hugging Face model directory (no config.json)")
     info = dist_info()
-    started_dist = _init_distributed(info.world_size)
+    started_dist = init_process_group(info.world_size)
     device = pick_device(info.local_rank)
-    dtype = resolve_dtype(config.dtype)
+    dtype = torch_dtype(config.dtype, device)
     out = Path(config.out)
     names = config.names or model_names(config.models)
     benches = [load_benchmark(s, config.data_dir, config.fields(), config.max_samples) for s in config.benchmarks]
@@ -239,9 +181,9 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if info.is_main:
         try:
             plan = {"pending": _plan(config, names, benches, protocol, out)}
-        except (ConfigError, ValueError, OSError) as e:
+        except (ConfigError, DataError, ValueError, OSError) as e:
             plan = {"error": e}
-    plan = _broadcast(plan, info.world_size)
+    plan = broadcast_object(plan, info.world_size)
     if "error" in plan:
         raise plan["error"]
 
@@ -261,7 +203,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                 t = time.time()
                 mine = generate_all(model, tokenizer, batches, settings, seed, info.rank, info.world_size,
                                     progress=f"{name}/{bench.name} {label}" if progress and info.is_main else "")
-                records = _gather(mine, info.world_size)
+                records = gather_lists(mine, info.world_size)
                 if info.is_main:
                     scores = _write_run(_run_file(out / "generations" / name / bench.name, seed), bench, records,
                                         seed)
@@ -277,8 +219,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                      for name in names}
         model_paths = {name: str(Path(p).resolve()) for name, p in zip(names, config.models)}
         results = write_reports(out, summaries, model_paths, protocol, wall_s=time.time() - t0)
-    if info.world_size > 1:
-        torch.distributed.barrier()
-        if started_dist:
-            torch.distributed.destroy_process_group()
+    barrier(info.world_size)
+    if started_dist:
+        destroy_process_group()
     return results

@@ -6,6 +6,8 @@ import statistics
 from functools import lru_cache
 from typing import Sequence
 
+from pipeline.errors import DataError
+
 
 @lru_cache(maxsize=1)
 def _scorer():
@@ -17,7 +19,7 @@ def _scorer():
 def rouge_l(generation: str, references: Sequence[str]) -> float:
     """Best ROUGE-L F-measure (x100) of one generation over its references."""
     if isinstance(references, str) or not references:
-        raise ValueError("references must be a non-empty list of strings")
+        raise DataError("references must be a non-empty list of strings")
     scorer = _scorer()
     return max(scorer.score(ref, generation)["rougeL"].fmeasure for ref in references) * 100.0
 
@@ -25,7 +27,7 @@ def rouge_l(generation: str, references: Sequence[str]) -> float:
 def score_all(generations: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
     """Per-sample ROUGE-L; a count mismatch means generations and references are misaligned, so it is an error."""
     if len(generations) != len(references):
-        raise ValueError(
+        raise DataError(
             f"{len(generations)} generations but {len(references)} reference sets: outputs and references "
             "are misaligned"
         )
@@ -38,12 +40,12 @@ def aggregate(per_seed: dict[str, Sequence[float]]) -> dict[str, float | int | d
     Every seed must cover the same number of samples, otherwise the seeds measure different sets.
     """
     if not per_seed:
-        raise ValueError("no seeds to aggregate")
+        raise DataError("no seeds to aggregate")
     counts = {seed: len(scores) for seed, scores in per_seed.items()}
     if len(set(counts.values())) != 1:
-        raise ValueError(f"seeds scored different numbers of samples: {counts}")
+        raise DataError(f"seeds scored different numbers of samples: {counts}")
     if 0 in counts.values():
-        raise ValueError("a seed has no scored samples")
+        raise DataError("a seed has no scored samples")
     seed_means = {seed: statistics.fmean(scores) for seed, scores in per_seed.items()}
     values = list(seed_means.values())
     return {

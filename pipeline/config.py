@@ -13,11 +13,9 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 
+from pipeline.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file or option the stage cannot use; the message names the file and field."""
 
 
 def read_config_text(path: str | Path, what: str = "config") -> str:

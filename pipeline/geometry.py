@@ -16,10 +16,13 @@ smaller Gram `M M^T` in float64, or from a Newton-Schulz polar iteration (matmul
 from __future__ import annotations
 
 import math
-from typing import Literal
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor, nn
+
+from pipeline.errors import ConfigError
 
 NuclearMethod = Literal["auto", "eigh", "newton_schulz", "svd"]
 _EPS = 1e-12
@@ -252,8 +255,43 @@ def logit_kd(
     return kl.mean() * temperature**2
 
 
-FEATURE_LOSSES = {
-    "procrustes": procrustes_distance,
-    "fg": feature_gram_distance,
-    "cka": cka_distance,
+# ---------------------------------------------------------------------------------------------------------------
+# The one registry of feature losses: train, synthetic, demo and every config check read it
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeatureLoss:
+    """A feature distance called the same way for every loss: `loss(student, teacher, mask, params, squared)`.
+
+    `params` is the loss's trainable part for one layer pair (projection MSE's W), made by `make_params` and
+    owned by whoever optimizes it (the training objective, the synthetic experiment); None for the others.
+    """
+
+    name: str
+    distance: Callable[[Tensor, Tensor, Tensor | None, bool], Tensor] | None = None
+    learned: bool = False
+
+    def make_params(self, d_student: int, d_teacher: int) -> nn.Module | None:
+        return ProjectionMSE(d_student, d_teacher) if self.learned else None
+
+    def __call__(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None,
+                 params: nn.Module | None = None, squared: bool = True) -> Tensor:
+        if self.learned:
+            if params is None:
+                raise ValueError(f"feature loss {self.name!r} needs its parameters (make_params)")
+            return params(student, teacher, mask, squared)
+        return self.distance(student, teacher, mask, squared)
+
+
+FEATURE_LOSSES: dict[str, FeatureLoss] = {
+    "procrustes": FeatureLoss("procrustes", procrustes_distance),
+    "fg": FeatureLoss("fg", feature_gram_distance),
+    "cka": FeatureLoss("cka", cka_distance),
+    "proj_mse": FeatureLoss("proj_mse", learned=True),
 }
+
+
+def feature_loss(name: str) -> FeatureLoss:
+    """The registered loss called `name`, or a ConfigError listing the choices."""
+    if name not in FEATURE_LOSSES:
+        raise ConfigError(f"unknown feature loss {name!r}; choose one of {', '.join(FEATURE_LOSSES)}")
+    return FEATURE_LOSSES[name]

@@ -1,4 +1,4 @@
-"""Small file helpers every stage shares: atomic writes, content hashes, JSON manifests.
+"""Small file helpers every stage shares: atomic writes, content hashes, JSON manifests, strict JSONL.
 
 A file a stage writes appears under its final name only once complete (write to a temporary name in the same
 folder, fsync, rename), so a killed job never leaves something that looks finished.
@@ -12,6 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from pipeline.errors import DataError
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -62,3 +64,28 @@ def read_json(path: str | Path) -> Any:
         raise FileNotFoundError(f"{path} does not exist") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from e
+
+
+def read_jsonl(path: str | Path, raw: bytes | None = None) -> list[tuple[int, Any]]:
+    """(line number, value) of every non-blank line of a JSONL file; a DataError names the file and line of the
+    first line that is not UTF-8 or not JSON. Lines end at "\n" only: JSON strings may hold U+2028 and friends."""
+    path = Path(path)
+    if raw is None:
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{number}: not valid JSON: {e.msg} (column {e.colno})") from None
+    return rows

@@ -1,4 +1,5 @@
-"""Teacher and student models: loading, named OPT presets, layer maps, and cheap hidden-state capture.
+"""Teacher and student models: loading, placement, named OPT presets, layer maps, the LM head, and cheap
+hidden-state capture.
 
 Hidden states are named as in docs/contracts.md: 0 = token embeddings (plus positions, after OPT's project_in),
 i = output of decoder layer i (1-based), "final" = what the LM head reads (after the final layer norm and, in
@@ -8,14 +9,18 @@ of `output_hidden_states` by that final state; here layer n always means the raw
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.io import sha256_file, sha256_json
+from pipeline.errors import ConfigError, StoreError
+from pipeline.io import read_json, sha256_file, sha256_json
 from pipeline.runtime import hub_offline, is_hub_name
 
 FINAL = "final"
@@ -37,7 +42,7 @@ def preset_config(name: str, vocab_size: int, *, pad_token_id: int = 1, bos_toke
                   eos_token_id: int = 2) -> OPTConfig:
     """The OPTConfig of a named preset with the given vocabulary and special token ids."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     shape = dict(PRESETS[name])
     shape.setdefault("word_embed_proj_dim", shape["hidden_size"])
     shape.setdefault("dropout", 0.1)
@@ -58,7 +63,7 @@ def load_model(spec: str, *, tokenizer: PreTrainedTokenizerBase | None = None, d
     if spec.startswith("preset:"):
         name = spec.split(":", 1)[1]
         if tokenizer is None:
-            raise ValueError(f"{spec}: a preset takes its vocabulary from the tokenizer; pass tokenizer=")
+            raise ConfigError(f"{spec}: a preset takes its vocabulary from the tokenizer; pass tokenizer=")
         config = preset_config(name, len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None
                                else tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -69,7 +74,7 @@ def load_model(spec: str, *, tokenizer: PreTrainedTokenizerBase | None = None, d
         return model.to(dtype)
     path = Path(spec)
     if not (path / "config.json").is_file() and not is_hub_name(spec):
-        raise ValueError(
+        raise ConfigError(
             f"model {spec!r}: not a model directory with config.json, not a preset "
             f"(preset:{', preset:'.join(PRESETS)}), and not a hub name (org/name)"
         )
@@ -78,13 +83,49 @@ def load_model(spec: str, *, tokenizer: PreTrainedTokenizerBase | None = None, d
         model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=local, dtype=dtype)
     except (OSError, ValueError) as e:
         hint = " (HF_HUB_OFFLINE is set: only the local hub cache is searched)" if hub_offline() else ""
-        raise ValueError(f"cannot load a causal LM from {spec}{hint}: {e}") from e
+        raise ConfigError(f"cannot load a causal LM from {spec}{hint}: {e}") from e
     if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: the model's vocabulary ({model.config.vocab_size}) is smaller than the tokenizer's "
             f"({len(tokenizer)}); they do not belong together"
         )
     return model
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def quick_model_fingerprint(path: Path) -> str:
+    """Hash of config.json and the weight files' names, sizes, heads and tails (eval's identity of a model dir).
+
+    Reading whole multi-GB checkpoints on every rerun would cost minutes; a retrained or replaced checkpoint
+    changes its header and first/last bytes. `model_fingerprint` hashes everything, for the stores' manifests.
+    """
+    import hashlib
+
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(8 << 20))
+            fh.seek(max(0, size - (8 << 20)))
+            h.update(fh.read())
+    return h.hexdigest()
+
+
+def model_shape(spec: str, option: str) -> tuple[int, int]:
+    """(hidden size, decoder layers) of a model dir or preset, from its config alone (no weights loaded)."""
+    if spec.startswith("preset:"):
+        name = spec.split(":", 1)[1]
+        if name not in PRESETS:
+            raise ConfigError(f"--{option} {spec}: unknown preset; choose one of {', '.join(PRESETS)}")
+        return int(PRESETS[name]["hidden_size"]), int(PRESETS[name]["num_hidden_layers"])
+    cfg_path = Path(spec) / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"--{option} {spec}: not a model directory with config.json, and not preset:NAME")
+    c = read_json(cfg_path)
+    return int(c["hidden_size"]), int(c["num_hidden_layers"])
 
 
 def model_fingerprint(model_or_dir: PreTrainedModel | str | Path) -> str:
@@ -94,7 +135,7 @@ def model_fingerprint(model_or_dir: PreTrainedModel | str | Path) -> str:
         files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".bin")
                        and p.name != "generation_config.json" and not p.name.startswith("."))
         if not files:
-            raise ValueError(f"{path}: no model files to fingerprint")
+            raise ConfigError(f"{path}: no model files to fingerprint")
         return sha256_json({p.name: sha256_file(p) for p in files})
     import hashlib
 
@@ -109,6 +150,100 @@ def model_fingerprint(model_or_dir: PreTrainedModel | str | Path) -> str:
     return h.hexdigest()
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# A frozen teacher: where it goes, how it loads
+# ---------------------------------------------------------------------------------------------------------------
+def teacher_placement(param_bytes: int, gpu_bytes: int | None, n_gpus: int, world_size: int,
+                      have_accelerate: bool) -> str:
+    """'cpu', 'gpu' (one replica per rank) or 'device_map' (one process spreading the teacher over all GPUs)."""
+    if gpu_bytes is None or n_gpus == 0:
+        return "cpu"
+    # Activations of a batch and the allocator's slack need room beside the weights.
+    if param_bytes <= 0.85 * gpu_bytes:
+        return "gpu"
+    need = f"the teacher's weights take {param_bytes / 2**30:.1f} GiB, one GPU has {gpu_bytes / 2**30:.1f} GiB"
+    if not have_accelerate:
+        raise StoreError(f"{need}; install accelerate to spread it over GPUs with device_map='auto'")
+    if world_size > 1:
+        raise StoreError(f"{need}; run a single process (not torchrun) so device_map='auto' can spread one copy "
+                         f"over all {n_gpus} GPUs")
+    if param_bytes > 0.85 * gpu_bytes * n_gpus:
+        raise StoreError(f"{need}, and all {n_gpus} GPUs together are too small for it")
+    return "device_map"
+
+
+def checkpoint_param_bytes(model_dir: Path, dtype: torch.dtype) -> int | None:
+    """Parameter bytes at `dtype` of a saved safetensors checkpoint, read from file headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    n = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            n += sum(int(np.prod(h.get_slice(k).get_shape())) for k in h.keys())
+    return n * torch.finfo(dtype).bits // 8
+
+
+def load_frozen_teacher(spec: str, *, tokenizer: PreTrainedTokenizerBase, dtype: torch.dtype, device: torch.device,
+                        world_size: int = 1, seed: int = 0) -> tuple[PreTrainedModel, torch.device]:
+    """The teacher in eval mode without gradients, and the device its inputs go to. One replica per rank when it
+    fits a GPU; spread over all GPUs of one process (device_map) only when it must be."""
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    placement = "cpu"
+    if gpus:
+        if spec.startswith("preset:"):
+            name = spec.split(":", 1)[1]
+            with torch.device("meta"):
+                n = sum(p.numel() for p in OPTForCausalLM(preset_config(name, len(tokenizer))).parameters())
+            param_bytes = n * torch.finfo(dtype).bits // 8
+        else:
+            param_bytes = checkpoint_param_bytes(Path(spec), dtype) or 0
+        placement = teacher_placement(param_bytes, torch.cuda.mem_get_info(device)[1], gpus, world_size,
+                                      importlib.util.find_spec("accelerate") is not None)
+    if placement == "device_map":
+        if spec.startswith("preset:"):
+            raise StoreError(f"{spec} does not fit one GPU; save it as a model directory to load it sharded")
+        model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, dtype=dtype, device_map="auto")
+        input_device = model.get_input_embeddings().weight.device
+    else:
+        model = load_model(spec, tokenizer=tokenizer, dtype=dtype, seed=seed).to(device)
+        input_device = device
+    model.eval().requires_grad_(False)
+    return model, input_device
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The LM head: one code path for exact teacher logits, stored or online
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class LMHead:
+    """A causal LM's output layer: `logits = final_hidden @ weight.T (+ bias)`."""
+
+    weight: torch.Tensor  # [V, d]
+    bias: torch.Tensor | None = None  # [V]
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> "LMHead":
+        return LMHead(self.weight.to(device, dtype),
+                      None if self.bias is None else self.bias.to(device, dtype))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits `[..., V]` of final hidden states `[..., d]` (cast to the head's dtype)."""
+        out = hidden.to(self.weight.dtype) @ self.weight.T
+        return out if self.bias is None else out + self.bias
+
+
+def lm_head_of(model: PreTrainedModel) -> LMHead:
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ConfigError(f"{type(model).__name__} has no LM head")
+    return LMHead(head.weight, getattr(head, "bias", None))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layers and hidden states
+# ---------------------------------------------------------------------------------------------------------------
 def num_decoder_layers(model: PreTrainedModel) -> int:
     return len(_decoder_layers(model))
 
@@ -125,18 +260,18 @@ def layer_map(student_layers: int, teacher_layers: int, pairs: Sequence[Sequence
         out = []
         for p in pairs:
             if len(p) != 2:
-                raise ValueError(f"layer pair {list(p)} must be (student_layer, teacher_layer)")
+                raise ConfigError(f"layer pair {list(p)} must be (student_layer, teacher_layer)")
             s, t = int(p[0]), int(p[1])
             if not 0 <= s <= student_layers:
-                raise ValueError(f"student layer {s} out of range 0..{student_layers}")
+                raise ConfigError(f"student layer {s} out of range 0..{student_layers}")
             if not 0 <= t <= teacher_layers:
-                raise ValueError(f"teacher layer {t} out of range 0..{teacher_layers}")
+                raise ConfigError(f"teacher layer {t} out of range 0..{teacher_layers}")
             out.append((s, t))
         if not out:
-            raise ValueError("an explicit layer map needs at least one pair")
+            raise ConfigError("an explicit layer map needs at least one pair")
         return out
     if not 1 <= n_pairs <= student_layers:
-        raise ValueError(f"n_pairs={n_pairs}: must be between 1 and the student's {student_layers} layers")
+        raise ConfigError(f"n_pairs={n_pairs}: must be between 1 and the student's {student_layers} layers")
     return [(round(k * student_layers / n_pairs), round(k * teacher_layers / n_pairs)) for k in range(1, n_pairs + 1)]
 
 
@@ -147,7 +282,7 @@ def _decoder(model: nn.Module) -> nn.Module:
             obj = getattr(obj, part, None)
         if obj is not None and isinstance(getattr(obj, "layers", None), nn.ModuleList):
             return obj
-    raise ValueError(f"{type(model).__name__}: cannot find its decoder layers (expected an OPT-like model)")
+    raise ConfigError(f"{type(model).__name__}: cannot find its decoder layers (expected an OPT-like model)")
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -173,7 +308,7 @@ def record_hidden_states(model: nn.Module, layers: Sequence[int | str],
     wanted = list(dict.fromkeys(layers))
     for layer in wanted:
         if layer != FINAL and not (isinstance(layer, int) and 0 <= layer <= n):
-            raise ValueError(f"hidden state {layer!r} does not exist: choose 0..{n} or {FINAL!r}")
+            raise ConfigError(f"hidden state {layer!r} does not exist: choose 0..{n} or {FINAL!r}")
     deepest = max((x for x in wanted if x != FINAL), default=-1)
     out: dict[int | str, torch.Tensor] = {}
     handles = []

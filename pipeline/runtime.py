@@ -1,4 +1,4 @@
-"""Process-level setup shared by the stages: distributed rank info, seeds, device choice.
+"""Process-level setup shared by the stages: distributed rank info and collectives, seeds, devices, dtypes.
 
 A stage runs unchanged as one plain process, under `torchrun`, or under the `deepspeed` launcher: the
 launchers set RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, and a plain process gets single-rank values with a
@@ -9,11 +9,19 @@ from __future__ import annotations
 import os
 import random
 import socket
-from pathlib import Path
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from pipeline.errors import ConfigError
+
+# One spelling per dtype on disk and in manifests; users may type either column.
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 @dataclass(frozen=True)
@@ -83,3 +91,61 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def dtype_name(name: str, option: str = "dtype", allow_auto: bool = False) -> str:
+    """The canonical name (fp32, bf16, fp16; or auto) of a dtype a user typed as `bf16` or `bfloat16`."""
+    if allow_auto and name == "auto":
+        return name
+    canonical = DTYPE_ALIASES.get(name, name)
+    if canonical not in DTYPES:
+        choices = ("auto, " if allow_auto else "") + ", ".join(f"{k} ({v})" for v, k in DTYPE_ALIASES.items())
+        raise ConfigError(f"--{option} {name!r}: choose one of {choices}")
+    return canonical
+
+
+def torch_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """The torch dtype of a name; `auto` is fp32 on a CPU and bf16 (fp16 where bf16 is missing) on a GPU."""
+    if name == "auto":
+        if device is not None and device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return DTYPES[dtype_name(name)]
+
+
+# -- collectives: no-ops on one rank, so callers need no `if world_size > 1` -------------------------------------
+def init_process_group(world_size: int, backend: str | None = None, timeout: timedelta | None = None) -> bool:
+    """Join the ranks' process group when there are several and none exists yet; True if this call made it."""
+    if world_size <= 1 or torch.distributed.is_initialized():
+        return False
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    torch.distributed.init_process_group(backend, **({"timeout": timeout} if timeout else {}))
+    return True
+
+
+def destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def barrier(world_size: int) -> None:
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+def broadcast_object(obj: Any, world_size: int) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if world_size <= 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_lists(items: list[Any], world_size: int) -> list[Any]:
+    """Every rank's list, concatenated in rank order, on every rank."""
+    if world_size <= 1:
+        return items
+    parts: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(parts, items)
+    return [x for part in parts for x in part]

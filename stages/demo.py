@@ -25,16 +25,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import parse_config, save_config
+from pipeline.errors import ConfigError, GeokdError, run_stage
+from pipeline.geometry import FEATURE_LOSSES
 
-# name -> (alpha, feature loss); all students share every other setting.
-METHODS = {
-    "sft": (0.0, "none"),
-    "kd": (0.5, "none"),
-    "kd_cka": (0.5, "cka"),
-    "kd_proj_mse": (0.5, "proj_mse"),
-    "kd_procrustes": (0.5, "procrustes"),
-    "kd_fg": (0.5, "fg"),
-}
+# A method is `sft`, `kd`, or `kd_<feature loss>` (KD plus a loss of pipeline.geometry's registry); all students
+# share every other setting.
+METHODS = ["sft", "kd", "kd_cka", "kd_proj_mse", "kd_procrustes", "kd_fg"]
+KD_ALPHA = 0.5
+
+
+def method_settings(name: str) -> tuple[float, str]:
+    """(alpha, feature loss) of a method name."""
+    if name == "sft":
+        return 0.0, "none"
+    if name == "kd":
+        return KD_ALPHA, "none"
+    loss = name.removeprefix("kd_")
+    if not name.startswith("kd_") or loss not in FEATURE_LOSSES:
+        raise ConfigError(f"--methods {name!r}: choose sft, kd or kd_<loss> with <loss> one of "
+                          f"{', '.join(FEATURE_LOSSES)}")
+    return KD_ALPHA, loss
 
 
 @dataclass
@@ -60,7 +70,7 @@ class DemoConfig:
     seed: int = 0
 
 
-def run_stage(args: list[str], log: Path) -> None:
+def run_step(args: list[str], log: Path) -> None:
     """Run `python -m <args>` as its own process; its output goes to the console and to `log`."""
     cmd = [sys.executable, "-m", *args]
     print(f"\n$ {shlex.join(['python', '-m', *args])}", flush=True)
@@ -74,7 +84,7 @@ def run_stage(args: list[str], log: Path) -> None:
             sys.stdout.write(line)
             f.write(line)
         if proc.wait() != 0:
-            raise SystemExit(f"[demo] step failed (exit {proc.returncode}): {shlex.join(args)}; log in {log}")
+            raise GeokdError(f"step failed (exit {proc.returncode}): {shlex.join(args)}; log in {log}")
 
 
 def train_args(cfg: DemoConfig, out: Path, data: Path, model: str, steps: int, lr: float) -> list[str]:
@@ -88,7 +98,7 @@ def save_untrained_student(cfg: DemoConfig, data: Path, out: Path) -> None:
     """The student at initialisation, saved as a model dir so it is scored like every other model."""
     if (out / "config.json").exists():
         return
-    from pipeline.data import PreparedData
+    from pipeline.data.prepared import PreparedData
     from pipeline.models import load_model
 
     tok = PreparedData(data).tokenizer()
@@ -138,11 +148,13 @@ def write_report(cfg: DemoConfig, out: Path, layers: list[int], wall: float) -> 
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(DemoConfig, argv)
-    unknown = sorted(set(cfg.methods) - set(METHODS))
-    if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+def run(cfg: DemoConfig) -> None:
+    from pipeline.models import model_shape
+
+    # Checked before anything is written: a typo costs seconds, not a teacher's training.
+    settings = {name: method_settings(name) for name in cfg.methods}
+    model_shape(cfg.teacher, "teacher")
+    model_shape(cfg.student, "student")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "demo_config.yaml")
@@ -155,30 +167,29 @@ def main(argv: list[str] | None = None) -> None:
 
     print("[demo] 1/6 prepare the built-in data")
     data, test = out / "data", out / "data_test"
-    run_stage(["stages.prepare", "--data", "builtin", "--out", str(data), "--tokenizer", cfg.tokenizer,
+    run_step(["stages.prepare", "--data", "builtin", "--out", str(data), "--tokenizer", cfg.tokenizer,
                "--valid_size", "200"], log)
-    run_stage(["stages.prepare", "--data", "builtin:test", "--split", "test", "--out", str(test),
+    run_step(["stages.prepare", "--data", "builtin:test", "--split", "test", "--out", str(test),
                "--tokenizer", cfg.tokenizer], log)
 
     print("[demo] 2/6 train the teacher (SFT)")
     teacher = out / "teacher"
     if not (teacher / "model" / "config.json").exists():
         resume = ["--resume"] if (teacher / "checkpoints").exists() else []
-        run_stage(train_args(cfg, teacher, data, cfg.teacher, cfg.teacher_steps, cfg.teacher_lr)
+        run_step(train_args(cfg, teacher, data, cfg.teacher, cfg.teacher_steps, cfg.teacher_lr)
                   + ["--mode", "sft"] + resume, log)
 
     print("[demo] 3/6 cache the teacher's features once")
-    from pipeline.data import PreparedData
-    from pipeline.models import layer_map, load_model
+    from pipeline.models import layer_map
+    from pipeline.train.objective import mapped_teacher_layers
 
-    tok = PreparedData(data).tokenizer()
-    student_layers = load_model(cfg.student, tokenizer=tok).config.num_hidden_layers
-    teacher_layers = load_model(str(teacher / "model")).config.num_hidden_layers
-    layers = sorted({t for _, t in layer_map(student_layers, teacher_layers)})
+    # The layers of the students' default layer map: what every distillation run will read.
+    layers = mapped_teacher_layers(layer_map(model_shape(cfg.student, "student")[1],
+                                             model_shape(str(teacher / "model"), "teacher")[1]))
     features = {}
     for split in ("train", "valid"):
         features[split] = out / "features" / split
-        run_stage(["stages.cache_teacher", "--data", str(data), "--split", split, "--teacher", str(teacher / "model"),
+        run_step(["stages.cache", "--data", str(data), "--split", split, "--teacher", str(teacher / "model"),
                    "--out", str(features[split]), "--layers", *map(str, layers), "--final", "--dtype", "fp32"], log)
 
     print(f"[demo] 4/6 distil a student with each method: {', '.join(cfg.methods)}")
@@ -187,20 +198,20 @@ def main(argv: list[str] | None = None) -> None:
         if (run_dir / "model" / "config.json").exists():
             print(f"[demo] {name}: done already")
             continue
-        alpha, loss = METHODS[name]
+        alpha, loss = settings[name]
         args = train_args(cfg, run_dir, data, cfg.student, cfg.student_steps, cfg.student_lr)
         args += ["--mode", "sft"] if name == "sft" else [
             "--mode", "distill", "--features", str(features["train"]), "--valid_features", str(features["valid"]),
             "--alpha", str(alpha), "--loss", loss, "--beta", str(cfg.beta)]
         if (run_dir / "checkpoints").exists():
             args.append("--resume")
-        run_stage(args, log)
+        run_step(args, log)
 
     print("[demo] 5/6 evaluate with ROUGE-L")
     init = out / "student_init"
     save_untrained_student(cfg, data, init)
     models = [str(teacher / "model"), str(init)] + [str(out / "students" / n / "model") for n in cfg.methods]
-    run_stage(["eval", "--models", *models, "--names", "teacher", "student_init", *cfg.methods, "--benchmarks", str(test / "test" / "records.jsonl"), "--field_map", "output=references",
+    run_step(["stages.eval", "--models", *models, "--names", "teacher", "student_init", *cfg.methods, "--benchmarks", str(test / "test" / "records.jsonl"), "--field_map", "output=references",
                "--max_samples", str(cfg.eval_samples), "--max_new_tokens", str(cfg.max_new_tokens), "--seeds", *map(str, cfg.seeds), "--out", str(out / "eval")],
               log)
 
@@ -210,5 +221,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[demo] wrote {out / 'report.md'}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        run(parse_config(DemoConfig, argv))
+        return 0
+
+    return run_stage("demo", body)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,56 +20,23 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from pipeline.config import ConfigError, config_to_dict, parse_config
-from pipeline.data import (MANIFEST_KIND, claim_output_dir, finish_output_dir, length_stats, split_samples,
-                           tokenize_examples, write_split)
+from pipeline.config import config_to_dict, parse_config
+from pipeline.data.config import LOCATION_FIELDS, PrepareConfig, check_config
+from pipeline.data.prepared import (
+    MANIFEST_KIND, claim_output_dir, finish_output_dir, length_stats, split_samples, tokenize_examples, write_split,
+)
+from pipeline.data.sources import parse_field_map, read_source
+from pipeline.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from pipeline.errors import DataError, run_stage
 from pipeline.io import sha256_json
-from pipeline.sources import DataError, parse_field_map, read_source
-from pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
-
-# Config fields that name where things are rather than what is produced: not part of the fingerprint.
-_LOCATION_FIELDS = ("data", "out", "tokenizer")
-
-
-@dataclass
-class PrepareConfig:
-    data: list[str] = field(metadata={"help": "JSONL/JSON files, 'builtin[:train|test]', or a hub dataset name"})
-    out: str = field(metadata={"help": "output folder (created; never overwritten)"})
-    tokenizer: str = field(default="builtin-gpt2",
-                           metadata={"help": "tokenizer or model dir, 'builtin-gpt2' or 'builtin-tiny'"})
-    fields: list[str] = field(default_factory=list,
-                              metadata={"help": "field map OURS=THEIRS for other formats, e.g. output=answer"})
-    hub_split: str = field(default="train", metadata={"help": "split to load for a hub dataset name"})
-    max_prompt_len: int = field(default=256, metadata={"help": "prompt tokens at most (with the BOS token)"})
-    max_len: int = field(default=512, metadata={"help": "prompt + response tokens at most"})
-    prompt_overflow: Literal["truncate", "drop"] = field(
-        default="truncate", metadata={"help": "a longer prompt keeps its head and '### Response:' line, or is dropped"})
-    valid_fraction: float = field(default=0.0, metadata={"help": "fraction of samples split off as 'valid'"})
-    valid_size: int = field(default=0, metadata={"help": "number of samples split off as 'valid'"})
-    seed: int = field(default=42, metadata={"help": "seed of the validation split"})
-    limit: int = field(default=0, metadata={"help": "use only the first N examples (0 = all)"})
-    shard_size: int = field(default=20000, metadata={"help": "samples per shard"})
-    split: str = field(default="train", metadata={"help": "name of the main split (e.g. 'test' for an eval set)"})
 
 
 def run(config: PrepareConfig) -> Path:
     start = time.time()
     out = Path(config.out)
-    if config.shard_size < 1 or config.limit < 0:
-        raise ConfigError("shard_size must be >= 1 and limit >= 0")
-    if not config.split or "/" in config.split or config.split.startswith("."):
-        raise ConfigError(f"split {config.split!r}: give a plain folder name")
-    # Checked before the output folder is touched, so a typo never leaves a half-made folder behind.
-    if config.valid_fraction and config.valid_size:
-        raise ConfigError("give --valid_fraction or --valid_size, not both")
-    if not 0.0 <= config.valid_fraction < 1.0 or config.valid_size < 0:
-        raise ConfigError("--valid_fraction must be in [0, 1) and --valid_size >= 0")
-    if not 0 < config.max_prompt_len < config.max_len:
-        raise ConfigError(f"need 0 < --max_prompt_len ({config.max_prompt_len}) < --max_len ({config.max_len})")
+    check_config(config)
 
     # 1. Read every source and the tokenizer: enough to know what this run would produce.
     field_map = parse_field_map(config.fields)
@@ -79,7 +46,7 @@ def run(config: PrepareConfig) -> Path:
         examples = examples[: config.limit]
     tok = load_tokenizer(config.tokenizer)
     tok_fp = tokenizer_fingerprint(tok)
-    settings = {k: v for k, v in config_to_dict(config).items() if k not in _LOCATION_FIELDS}
+    settings = {k: v for k, v in config_to_dict(config).items() if k not in LOCATION_FIELDS}
     planned = {
         "kind": MANIFEST_KIND,
         "fingerprint": sha256_json({"sources": [s.sha256 for s in sources], "tokenizer": tok_fp,
@@ -131,12 +98,11 @@ def print_summary(out: Path, m: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def body() -> int:
         run(parse_config(PrepareConfig, argv))
-    except (ConfigError, DataError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"[prepare] error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_stage("prepare", body)
 
 
 if __name__ == "__main__":

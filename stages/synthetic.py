@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,17 +25,19 @@ from pathlib import Path
 import torch
 
 from pipeline.config import parse_config, save_config
+from pipeline.errors import run_stage
 from pipeline.geometry import (
-    ProjectionMSE,
+    FEATURE_LOSSES,
     cka_distance,
     feature_gram_distance,
+    feature_loss,
     normalize_features,
     procrustes_distance,
     procrustes_floor,
 )
 from pipeline.runtime import seed_everything
 
-LOSSES = ("procrustes", "fg", "cka", "proj_mse")
+LOSSES = tuple(FEATURE_LOSSES)
 METRICS = ("D_P", "D_FG", "D_CKA", "proj_MSE*", "orth_pairs_kept")
 
 
@@ -93,16 +96,13 @@ def measure(student: torch.Tensor, teacher: torch.Tensor, teacher_pairs: torch.T
 def optimise(loss_name: str, student0: torch.Tensor, teacher: torch.Tensor, teacher_pairs: torch.Tensor,
              cfg: SyntheticConfig) -> list[dict]:
     student = student0.clone().requires_grad_(True)
-    params = [student]
-    proj = None
-    if loss_name == "proj_mse":
-        proj = ProjectionMSE(cfg.d_student, cfg.d_teacher)
-        params += list(proj.parameters())
+    objective = feature_loss(loss_name)
+    loss_params = objective.make_params(cfg.d_student, cfg.d_teacher)  # projection MSE's W, else None
+    params = [student] + (list(loss_params.parameters()) if loss_params is not None else [])
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    objective = {"procrustes": procrustes_distance, "fg": feature_gram_distance, "cka": cka_distance}.get(loss_name)
     rows = []
     for step in range(cfg.steps + 1):
-        loss = proj(student, teacher) if proj is not None else objective(student, teacher)
+        loss = objective(student, teacher, None, loss_params)
         if step % cfg.log_every == 0 or step == cfg.steps:
             rows.append({"loss": loss_name, "step": step, "objective": loss.item(),
                          **measure(student.detach(), teacher, teacher_pairs, cfg.epsilon)})
@@ -156,11 +156,9 @@ def write_outputs(rows: list[dict], baseline: dict, floor: float, cfg: Synthetic
     return f"{table}\n\n{note}"
 
 
-def main(argv: list[str] | None = None) -> str:
-    cfg = parse_config(SyntheticConfig, argv)
-    unknown = sorted(set(cfg.losses) - set(LOSSES))
-    if unknown:
-        raise SystemExit(f"unknown loss(es) {unknown}; choose from {list(LOSSES)}")
+def run(cfg: SyntheticConfig) -> str:
+    for name in cfg.losses:
+        feature_loss(name)  # an unknown name is a ConfigError listing the choices
     if cfg.directions > cfg.d_student:
         print(f"note: {cfg.directions} directions exceed the student width {cfg.d_student}: full recovery is "
               "impossible, the D_P floor below says by how much")
@@ -191,5 +189,13 @@ def main(argv: list[str] | None = None) -> str:
     return table
 
 
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        run(parse_config(SyntheticConfig, argv))
+        return 0
+
+    return run_stage("synthetic", body)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,19 +8,24 @@ Distill mode streams the teacher's stored features (./run.sh cache) and never lo
 --teacher_mode online (or --teacher without --features) a frozen teacher runs every step instead. Launch as one
 process, with --nproc N (this stage relaunches itself under torchrun on this machine), or under your own
 launcher: `torchrun --nproc_per_node N [--nnodes M ...] -m stages.train ...` or
-`deepspeed [--hostfile ds_configs/hostfile.example] --module stages.train ...`. Options: pipeline/train_config.py;
-the run: pipeline/training.py (setup) and pipeline/train_loop.py (loop, validation, checkpoints, outputs).
+`deepspeed [--hostfile ds_configs/hostfile.example] --module stages.train ...`.
+
+Options: pipeline/train/config.py. The run folder (OUT/config.yaml, ds_config.json, checkpoints/, tb/,
+metrics.jsonl, model/, manifest.json) is described in pipeline/train/setup.py.
 """
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 import warnings
+from typing import Any
 
-from pipeline.config import ConfigError, parse_config
-from pipeline.runtime import free_port
-from pipeline.train_config import TrainConfig
+from pipeline.config import parse_config
+from pipeline.errors import run_stage
+from pipeline.runtime import destroy_process_group, free_port
+from pipeline.train.config import TrainConfig
 
 
 def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
@@ -41,37 +46,53 @@ def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def train(run: Any) -> dict[str, Any]:
+    """The recipe of a set-up run: resume, train to the end (or --stop_after), validate, consolidate."""
+    from pipeline.train.loop import Logger, finish, resume, stop_step, train_steps, validate
+
+    state = resume(run)  # the data position of the newest checkpoint with --resume, else step 0
+    logger = Logger(run, state.global_step)
+    started = time.perf_counter()
+    try:
+        train_steps(run, logger, state, stop_step(run, state))
+        if state.global_step < run.total_steps:
+            if run.dist.is_main:
+                print(f"[train] stopped at step {state.global_step} of {run.total_steps} (--stop_after); "
+                      f"rerun with --resume to continue")
+            return {"steps": state.global_step, "total_steps": run.total_steps, "finished": False}
+        final = validate(run)
+        if final:
+            logger.log("valid", state.global_step, final)
+        summary = finish(run, state, final, started)  # OUT/model and OUT/manifest.json
+        if run.dist.is_main:
+            print(f"[train] done: {state.global_step} steps; model in {run.out / 'model'}"
+                  + (f"; valid loss {final['loss']:.4f}" if "loss" in final else ""))
+        return summary
+    finally:
+        logger.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body() -> int:
         cfg = parse_config(TrainConfig, argv)
-    except ConfigError as e:
-        print(f"[train] {e}", file=sys.stderr)
-        return 2
-    if cfg.nproc > 1 and "RANK" not in os.environ:
-        return relaunch_under_torchrun(cfg.nproc, argv)
+        if cfg.nproc > 1 and "RANK" not in os.environ:
+            return relaunch_under_torchrun(cfg.nproc, argv)
+        # DeepSpeed 0.19's ZeRO-3 calls torch collectives that torch 2.13 marks deprecated, once per bucket and
+        # step: hundreds of identical lines that bury the progress bar. Nothing for a user to act on.
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                message=r".*(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
+        from pipeline.train.setup import plan_run, setup
 
-    # DeepSpeed 0.19's ZeRO-3 calls torch collectives that torch 2.13 marks deprecated, once per bucket and step:
-    # hundreds of identical lines that bury the progress bar. Nothing for a user to act on.
-    warnings.filterwarnings("ignore", category=FutureWarning,
-                            message=r".*(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
-    from pipeline.train_loop import run_training
-    from pipeline.training import setup
+        try:
+            plan = plan_run(cfg)  # every input checked, in seconds, before any process group or engine
+            train(setup(cfg, plan))
+        finally:
+            destroy_process_group()
+        return 0
 
-    from pipeline.feature_store import StoreError
-
-    try:
-        run = setup(cfg)
-        run_training(run)
-    except (ConfigError, StoreError, FileExistsError, FileNotFoundError) as e:
-        print(f"[train] {e}", file=sys.stderr)
-        return 2
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_stage("train", body)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def shared_data() -> Path:
 def tiny_pair(tmp_path_factory) -> TinyPair:
     """HF directories (model + builtin-tiny tokenizer) of a random tiny-teacher (seed 0) and tiny-student (seed 1)."""
     from pipeline.models import load_model
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_pair")
     tok = load_tokenizer("builtin-tiny")
@@ -45,7 +45,8 @@ def tiny_pair(tmp_path_factory) -> TinyPair:
 def prepared_tiny(tmp_path_factory) -> Path:
     """A prepared folder of the first 600 built-in examples (builtin-tiny tokenizer): 'train' (540 samples in
     3 shards of up to 256) and 'valid' (60)."""
-    from stages.prepare import PrepareConfig, run
+    from pipeline.data.config import PrepareConfig
+    from stages.prepare import run
 
     out = tmp_path_factory.mktemp("prepared") / "builtin"
     return run(PrepareConfig(data=["builtin"], out=str(out), tokenizer="builtin-tiny", limit=600, valid_size=60,

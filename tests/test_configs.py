@@ -10,7 +10,7 @@ import pytest
 from transformers import OPTConfig, OPTForCausalLM
 
 from pipeline.config import parse_config
-from pipeline.tokenizer import load_tokenizer
+from pipeline.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "configs").iterdir() if p.is_dir())
@@ -18,9 +18,9 @@ RECIPES = sorted(p for p in (ROOT / "configs").iterdir() if p.is_dir())
 
 def stage_config(name: str):
     from eval.config import EvalConfig
-    from pipeline.train_config import TrainConfig
-    from stages.cache_teacher import CacheConfig
-    from stages.prepare import PrepareConfig
+    from pipeline.train.config import TrainConfig
+    from pipeline.data.config import PrepareConfig
+    from pipeline.features.config import CacheConfig
 
     if name.startswith("prepare"):
         return PrepareConfig
@@ -79,7 +79,7 @@ def test_opt1_3b_to_125m_recipe_runs_on_same_depth_tiny_models(tmp_path):
     run(["stages.train", "--config", str(recipe / "teacher_sft.yaml"), "--data", str(r / "data"),
          "--student", teacher0, "--out", str(r / "teacher"), *cpu])
     for name, split in (("cache", "train"), ("cache_valid", "valid")):
-        run(["stages.cache_teacher", "--config", str(recipe / f"{name}.yaml"), "--data", str(r / "data"),
+        run(["stages.cache", "--config", str(recipe / f"{name}.yaml"), "--data", str(r / "data"),
              "--teacher", str(r / "teacher" / "model"), "--out", str(r / "features" / split), "--progress", "false"])
     run(["stages.train", "--config", str(recipe / "train.yaml"), "--data", str(r / "data"), "--student", student0,
          "--teacher", str(r / "teacher" / "model"), "--features", str(r / "features" / "train"),
@@ -87,7 +87,7 @@ def test_opt1_3b_to_125m_recipe_runs_on_same_depth_tiny_models(tmp_path):
     metrics = [json.loads(line) for line in open(r / "student" / "metrics.jsonl")]
     valid = [m for m in metrics if m["split"] == "valid"][-1]
     assert {"D_P/s6_t12", "D_P/s12_t24"} <= set(valid)  # the recipe's layer map, measured on validation
-    run(["eval", "--config", str(recipe / "eval.yaml"), "--models", str(r / "student" / "model"),
+    run(["stages.eval", "--config", str(recipe / "eval.yaml"), "--models", str(r / "student" / "model"),
          "--benchmarks", str(r / "data" / "valid" / "records.jsonl"), "--field_map", "output=references", "--max_samples", "3", "--greedy", "--max_new_tokens", "4",
          "--dtype", "float32", "--out", str(r / "eval")])
     assert json.loads((r / "eval" / "scores.json").read_text())

@@ -16,8 +16,9 @@ from eval.generate import (GenerationSettings, KeyedSampler, encode_prompts, gen
                            plan_batches)
 from eval.runner import evaluate, model_names
 from eval.scoring import aggregate, rouge_l, score_all
-from pipeline.config import ConfigError, parse_config
-from pipeline.prompts import render_prompt
+from pipeline.config import parse_config
+from pipeline.errors import ConfigError
+from pipeline.data.prompts import render_prompt
 from pipeline.runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,7 +294,7 @@ def test_two_ranks_equal_one_rank(tiny_pair, tmp_path):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "eval", "--models", str(tiny_pair.student), "--benchmarks", *sets, "--out", str(tmp_path / "two"),
+           "-m", "stages.eval", "--models", str(tiny_pair.student), "--benchmarks", *sets, "--out", str(tmp_path / "two"),
            "--seeds", "10", "20", "--batch-size", "2", "--max-new-tokens", "4"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import feature_cache as fc
-from pipeline.feature_store import (
-    FeatureStore, StoreError, pad_features, shard_file, sidecar_file, verify_files, write_shard,
-)
+from pipeline.features import cache
+from pipeline.features import plan as store_plan
+from pipeline.features import lowrank
+from pipeline.errors import StoreError
+from pipeline.features.format import shard_file, sidecar_file, verify_files, write_shard
+from pipeline.features.store import FeatureStore, pad_features
 from pipeline.geometry import feature_gram_distance, procrustes_distance
 
 FP = {"teacher_fingerprint": "t" * 64, "tokenizer_fingerprint": "k" * 64, "data_fingerprint": "d" * 64}
@@ -30,23 +32,23 @@ def build_store(root: Path, *, n: int = 23, d: int = 16, layers=(2, "final"), dt
     lengths = torch.randint(1, 12, (n,), generator=g).numpy()
     ids = (1000 + 7 * torch.randperm(n, generator=g)).tolist()  # unordered, non-contiguous ids
     feats = {sid: {layer: torch.randn(int(L), d, generator=g) for layer in layers} for sid, L in zip(ids, lengths)}
-    units = fc.plan_units(lengths, shard_tokens)
+    units = store_plan.plan_units(lengths, shard_tokens)
     content = {**FP, "split": "train", "layers": list(layers), "dtype": dtype, "compute_dtype": "float32",
                "topk_logits": 0, "lowrank": None, "shard_tokens": shard_tokens, "batch_tokens": 64,
                "max_batch_size": 8}
     info = {"teacher": {"spec": "synthetic", "n_layers": 4, "vocab_size": 10}, "data_path": "synthetic",
             "dims": {str(layer): {"d": d} for layer in layers}, "config": {}}
-    plan = fc.make_plan(content, units, info)
-    fc.prepare_output_folder(root, plan, 0)
+    plan = store_plan.make_plan(content, units, info)
+    store_plan.prepare_output_folder(root, plan, 0)
     store_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     for u, (a, b) in enumerate(units):
         unit_ids = ids[a:b]
         offsets = torch.zeros(b - a + 1, dtype=torch.int64)
         offsets[1:] = torch.as_tensor(np.cumsum(lengths[a:b]))
         tensors = {f"feat.{layer}": torch.cat([feats[s][layer] for s in unit_ids]).to(store_dtype) for layer in layers}
-        fc.write_unit(root, u, {"sample_ids": torch.tensor(unit_ids), "offsets": offsets, "tensors": tensors,
+        cache.write_unit(root, u, {"sample_ids": torch.tensor(unit_ids), "offsets": offsets, "tensors": tensors,
                                 "energy": {}}, plan["fingerprint"], None)
-    fc.finalize_store(root, plan, config={}, wall_s=0.0)
+    store_plan.finalize_store(root, plan, config={}, wall_s=0.0)
     return feats, plan, store_dtype
 
 
@@ -91,16 +93,16 @@ def test_identical_content_gives_identical_bytes(tmp_path):
 
 def test_plan_units_and_length_batches_are_partitions():
     lengths = np.array([5, 1, 9, 3, 3, 7, 2, 8, 1, 4])
-    units = fc.plan_units(lengths, 10)
+    units = store_plan.plan_units(lengths, 10)
     assert units[0][0] == 0 and units[-1][1] == len(lengths)
     assert all(a[1] == b[0] for a, b in zip(units, units[1:]))
     assert all(lengths[a:b].sum() >= 10 for a, b in units[:-1])
-    batches = fc.length_batches(lengths, range(len(lengths)), batch_tokens=12, max_batch_size=3)
+    batches = store_plan.length_batches(lengths, range(len(lengths)), batch_tokens=12, max_batch_size=3)
     assert sorted(p for b in batches for p in b) == list(range(len(lengths)))
     for b in batches:
         assert len(b) <= 3 and (len(b) == 1 or len(b) * max(lengths[b]) <= 12)
     # The batches of a unit depend on the unit alone: the same positions in any order give the same batches.
-    assert fc.length_batches(lengths, [4, 3, 2], 12, 3) == fc.length_batches(lengths, [2, 3, 4], 12, 3)
+    assert store_plan.length_batches(lengths, [4, 3, 2], 12, 3) == store_plan.length_batches(lengths, [2, 3, 4], 12, 3)
 
 
 def test_truncated_shard_is_named_by_reader_and_verify(tmp_path):
@@ -154,35 +156,35 @@ def test_incompatible_store_is_refused_naming_what_differs(tmp_path):
 def test_resume_bookkeeping(tmp_path):
     _, plan, _ = build_store(tmp_path)
     fp = plan["fingerprint"]
-    assert all(fc.unit_done(tmp_path, u, fp, None) for u in range(len(plan["units"])))
-    assert not fc.unit_done(tmp_path, 0, "another plan", None)
+    assert all(cache.unit_done(tmp_path, u, fp, None) for u in range(len(plan["units"])))
+    assert not cache.unit_done(tmp_path, 0, "another plan", None)
     (tmp_path / sidecar_file(1)).unlink()  # killed between the shard's rename and its sidecar
     flip_byte(tmp_path / shard_file(2), "feat.2")  # damaged on disk after it was written
-    assert not fc.unit_done(tmp_path, 1, fp, None) and not fc.unit_done(tmp_path, 2, fp, None)
-    assert fc.pending_units(tmp_path, plan) == [1]
+    assert not cache.unit_done(tmp_path, 1, fp, None) and not cache.unit_done(tmp_path, 2, fp, None)
+    assert store_plan.pending_units(tmp_path, plan) == [1]
     with pytest.raises(StoreError, match=r"1 of \d+ units are not cached yet \(first: shards/unit-00001"):
-        fc.finalize_store(tmp_path, plan, config={}, wall_s=0.0)
+        store_plan.finalize_store(tmp_path, plan, config={}, wall_s=0.0)
     # A killed writer's temp file is cleared by the next run; the plan already there is kept.
     stale = tmp_path / "shards" / ".unit-00001.safetensors.abc.tmp"
     stale.write_bytes(b"partial")
-    assert fc.check_output_folder(tmp_path, plan) == "complete"  # manifest from the first finalize still there
-    fc.prepare_output_folder(tmp_path, plan, 0)
+    assert store_plan.check_output_folder(tmp_path, plan) == "complete"  # manifest from the first finalize still there
+    store_plan.prepare_output_folder(tmp_path, plan, 0)
     assert not stale.exists()
 
 
 def test_output_folder_refusals(tmp_path):
     _, plan, _ = build_store(tmp_path / "store")
-    other = fc.make_plan({**plan["content"], "layers": [2, 4], "teacher_fingerprint": "z" * 64}, plan["units"], {})
+    other = store_plan.make_plan({**plan["content"], "layers": [2, 4], "teacher_fingerprint": "z" * 64}, plan["units"], {})
     with pytest.raises(StoreError, match=r"another layers \(store: \[2, 'final'\], this run: \[2, 4\]\); teacher"):
-        fc.check_output_folder(tmp_path / "store", other)
+        store_plan.check_output_folder(tmp_path / "store", other)
     # A run killed while writing its plan left only the plan's temp file: the folder counts as new.
     (tmp_path / "early").mkdir()
     (tmp_path / "early" / ".plan.json.x1.tmp").write_text("{")
-    assert fc.check_output_folder(tmp_path / "early", plan) == "new"
+    assert store_plan.check_output_folder(tmp_path / "early", plan) == "new"
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(StoreError, match="not empty and holds no feature store"):
-        fc.check_output_folder(tmp_path / "busy", plan)
+        store_plan.check_output_folder(tmp_path / "busy", plan)
 
 
 def test_unwritable_output_fails_cleanly(tmp_path):
@@ -194,7 +196,7 @@ def test_unwritable_output_fails_cleanly(tmp_path):
     with pytest.raises(StoreError, match=r"cannot write .*a_file/store/x\.safetensors"):
         write_shard(blocker / "store" / "x.safetensors", sample_ids=ids, offsets=offsets, tensors=t, metadata={})
     with pytest.raises(StoreError, match="cannot create output folder .*a_file/store"):
-        fc.prepare_output_folder(blocker / "store", {"units": []}, 0)
+        store_plan.prepare_output_folder(blocker / "store", {"units": []}, 0)
     ro = tmp_path / "readonly"
     ro.mkdir()
     ro.chmod(0o500)
@@ -222,7 +224,7 @@ def test_full_disk_fails_cleanly_without_partial_files(tmp_path):
         signal.signal(signal.SIGXFSZ, old_handler)
     assert list(tmp_path.iterdir()) == []  # neither the shard nor its temp file
     with pytest.raises(StoreError, match="needs about .* GB more"):
-        fc.check_free_space(tmp_path, 10**18)
+        store_plan.check_free_space(tmp_path, 10**18)
 
 
 def test_pca_basis_energy_and_rotation_invariant_losses():
@@ -231,7 +233,7 @@ def test_pca_basis_energy_and_rotation_invariant_losses():
     scales = torch.tensor([10.0, 8.0, 6.0, 4.0] + [0.1] * (d - 4), dtype=torch.float64)
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
     x = (torch.randn(n, d, generator=g, dtype=torch.float64) * scales) @ q.T + 3.0
-    basis, mean, kept = fc.pca_basis(x.sum(0), x.T @ x, n, energy=0.99)
+    basis, mean, kept = lowrank.pca_basis(x.sum(0), x.T @ x, n, energy=0.99)
     assert basis.shape == (d, 4)  # the four large directions hold > 99% of the variance
     assert torch.allclose(basis.T @ basis, torch.eye(4), atol=1e-5)
     xc = (x - x.mean(0)).float()
@@ -239,7 +241,7 @@ def test_pca_basis_energy_and_rotation_invariant_losses():
     recon = coeffs @ basis.T + mean
     dropped = ((xc - (recon - mean)) ** 2).sum() / (xc**2).sum()
     assert abs((1 - kept) - float(dropped)) < 1e-4
-    assert fc.pca_basis(x.sum(0), x.T @ x, n, k=6)[0].shape == (d, 6)
+    assert lowrank.pca_basis(x.sum(0), x.T @ x, n, k=6)[0].shape == (d, 6)
     # Coefficients and reconstruction give the same geometry losses, so training may use coefficients directly.
     student = torch.randn(n, 8, generator=g)
     for loss in (procrustes_distance, feature_gram_distance):

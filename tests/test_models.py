@@ -7,7 +7,7 @@ from transformers import OPTForCausalLM
 
 from pipeline.models import (FINAL, capture_hidden_states, layer_map, load_model, model_fingerprint,
                              preset_config, record_hidden_states)
-from pipeline.tokenizer import check_same_tokenizer, load_tokenizer, tokenizer_fingerprint
+from pipeline.data.tokenizer import check_same_tokenizer, load_tokenizer, tokenizer_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ def test_record_hidden_states_during_a_training_forward(tok, batch):
 
 
 def test_hub_names_fail_clearly_offline(monkeypatch):
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set"):

@@ -7,13 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.builtin_data import builtin_split
-from pipeline.data import INCOMPLETE, PreparedData, collate_batch, tokenize_examples
+from pipeline.data.builtin import builtin_split
+from pipeline.data.prepared import INCOMPLETE, PreparedData, collate_batch, tokenize_examples
 from pipeline.io import sha256_file
-from pipeline.prompts import render_prompt
-from pipeline.sources import DataError, Example, parse_field_map, read_source
-from pipeline.tokenizer import encode_text, load_tokenizer, tokenizer_fingerprint
-from stages.prepare import PrepareConfig, main, run
+from pipeline.data.prompts import render_prompt
+from pipeline.data.sources import Example, parse_field_map, read_source
+from pipeline.errors import DataError
+from pipeline.data.tokenizer import encode_text, load_tokenizer, tokenizer_fingerprint
+from pipeline.data.config import PrepareConfig
+from stages.prepare import main, run
 
 RECORDS = [  # instruction, input, outputs
     ("Name the capital of Peru.", "", ["The capital of Peru is Lima."]),
@@ -70,7 +72,7 @@ def test_self_instruct_expands_instances_and_prompt_field_is_used_as_given(tmp_p
 
 
 @pytest.mark.parametrize("content,message", [
-    ('{"instruction": "a", "output": "b"}\n\n{"instruction": "c" "output": "d"}\n', r"bad\.jsonl:3: malformed JSON"),
+    ('{"instruction": "a", "output": "b"}\n\n{"instruction": "c" "output": "d"}\n', r"bad\.jsonl:3: not valid JSON"),
     ('{"instruction": "a", "output": "b"}\n[1, 2]\n', r"bad\.jsonl:2: expected one JSON object per line, got list"),
     ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "input": "d"}\n',
      r"bad\.jsonl:2: record has no field 'output'; its fields are: input, instruction"),
@@ -184,7 +186,7 @@ def test_prepare_folder_manifest_readers_and_rerun(tmp_path, tok):
             assert len(item["input_ids"]) == ds.lengths[i]
             assert tok.decode(item["input_ids"][1 : item["prompt_len"]]) == rec["prompt"]
             assert rec["references"] == [f"{item['sample_id']} it is."]
-    with pytest.raises(KeyError, match="no split 'test'"):
+    with pytest.raises(DataError, match="no split 'test'"):
         prepared.split("test")
 
     # Same inputs: nothing is rewritten. Other inputs: an error that says what differs.

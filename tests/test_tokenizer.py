@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import tokenizer as tkz
-from pipeline.tokenizer import check_same_tokenizer, load_tokenizer, tokenizer_fingerprint
+from pipeline.data import tokenizer as tkz
+from pipeline.data.tokenizer import check_same_tokenizer, load_tokenizer, tokenizer_fingerprint
 
 TEXTS = [
     "Below is an instruction.\n\n### Response:\nThe capital of France is Paris.",

@@ -31,9 +31,10 @@ DRIVER = textwrap.dedent("""
     import json, sys, torch, deepspeed
     from transformers import AutoModelForCausalLM
     from pipeline.config import parse_config
-    from pipeline.train_config import TrainConfig
-    from pipeline.training import setup
-    from pipeline.train_loop import run_training, read_metrics
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.setup import setup
+    from pipeline.train.loop import read_metrics
+    from stages.train import train as run_training
 
     spec = json.loads(sys.argv[1])
     results = {}
@@ -96,7 +97,7 @@ def losses(metrics: dict, key: str = "loss") -> list[float]:
 @pytest.fixture(scope="module")
 def stores(prepared_tiny, tiny_pair, tmp_path_factory):
     """fp32 feature stores of the train split (layers 2 and 4, final state, top-8 logits) and the valid split."""
-    from stages.cache_teacher import main as cache
+    from stages.cache import main as cache
 
     root = tmp_path_factory.mktemp("stores")
     saved = dict(os.environ)
@@ -211,7 +212,7 @@ def test_two_ranks_killed_then_resumed_as_two_nodes_match_one_rank(driver, prepa
     assert [p.returncode for p in nodes] == [0, 0], logs[0][-4000:] + logs[1][-4000:]
     assert f"resumed from {out / 'checkpoints' / f'step{killed_at:08d}'}" in logs[0]
 
-    from pipeline.train_loop import read_metrics
+    from pipeline.train.loop import read_metrics
 
     got = read_metrics(out)
     assert sorted(got) == list(range(1, STEPS + 1))  # the killed run's later lines were dropped, none twice
@@ -249,10 +250,9 @@ def kill_tree(pid: int) -> None:
 
 
 def test_bad_inputs_fail_before_any_engine_with_the_input_named(prepared_tiny, tiny_pair, stores, tmp_path):
-    from pipeline.config import ConfigError
-    from pipeline.feature_store import StoreError
-    from pipeline.train_config import TrainConfig
-    from pipeline.training import plan_run
+    from pipeline.errors import ConfigError, StoreError
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.setup import plan_run
 
     def plan(**kw):
         base = dict(mode="distill", data=str(prepared_tiny), student=str(tiny_pair.student),

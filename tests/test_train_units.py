@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import ConfigError
-from pipeline.ds_config import EngineSettings, load_ds_config, precision_of, resolve_ds_config, zero_stage
+from pipeline.errors import ConfigError
+from pipeline.train.ds_config import EngineSettings, load_ds_config, precision_of, resolve_ds_config, zero_stage
 from pipeline.geometry import logit_kd
-from pipeline.objective import Objective, StudentWithHeads, topk_kd
-from pipeline.train_config import TrainConfig, check_config, parse_layer_map
-from pipeline.train_data import StepBatchSampler, eval_batches
+from pipeline.train.objective import Objective, StudentWithHeads, topk_kd
+from pipeline.train.config import TrainConfig, check_config, parse_layer_map
+from pipeline.train.data import StepBatchSampler, eval_batches
+from pipeline.train.targets import TeacherTargets
+from pipeline.models import LMHead
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = EngineSettings(micro_batch_size=2, grad_accum=3, world_size=4, grad_clip=1.0, lr=3e-4, betas=(0.9, 0.95),
@@ -107,7 +109,7 @@ def test_eval_batches_cover_every_sample_once_with_equal_batch_counts():
 
 
 def test_warmup_cosine_schedule():
-    from pipeline.training import warmup_cosine
+    from pipeline.train.setup import warmup_cosine
 
     f = [warmup_cosine(s, warmup=4, total=20, min_ratio=0.1) for s in range(20)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0]  # the first step already learns
@@ -150,8 +152,8 @@ def test_feature_loss_gradients_are_the_same_with_activation_checkpointing(loss)
     mask[1, 6:] = 0
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, :3] = -100
-    teacher = {"layers": {2: torch.randn(2, 9, 24, generator=g), 4: torch.randn(2, 9, 24, generator=g)},
-               "final": torch.randn(2, 9, 24, generator=g), "head_weight": torch.randn(97, 24, generator=g)}
+    teacher = TeacherTargets(layers={2: torch.randn(2, 9, 24, generator=g), 4: torch.randn(2, 9, 24, generator=g)},
+                             final=torch.randn(2, 9, 24, generator=g), head=LMHead(torch.randn(97, 24, generator=g)))
     obj = Objective("distill", 0.5, 1.0, loss, ((1, 2), (2, 4)), (0.5, 0.5), "final")
     grads, values = [], []
     for checkpointing in (False, True):
@@ -185,8 +187,8 @@ def test_total_loss_is_the_documented_mix():
     mask = torch.ones_like(ids)
     labels = ids.clone()
     labels[:, :2] = -100
-    teacher = {"layers": {2: torch.randn(2, 7, 24, generator=g), 4: torch.randn(2, 7, 24, generator=g)},
-               "final": torch.randn(2, 7, 24, generator=g), "head_weight": torch.randn(97, 24, generator=g)}
+    teacher = TeacherTargets(layers={2: torch.randn(2, 7, 24, generator=g), 4: torch.randn(2, 7, 24, generator=g)},
+                             final=torch.randn(2, 7, 24, generator=g), head=LMHead(torch.randn(97, 24, generator=g)))
     a, b = 0.3, 2.0
     model = StudentWithHeads(_tiny_student(), Objective("distill", a, b, "fg", ((1, 2), (2, 4)), (0.25, 0.75),
                                                         "final"))
@@ -216,7 +218,7 @@ def test_options_are_checked_with_the_option_named(tmp_path):
 
 
 def test_a_previous_run_is_never_overwritten(tmp_path):
-    from pipeline.training import check_output_folder
+    from pipeline.train.setup import check_output_folder
 
     out = tmp_path / "run"
     check_output_folder(out, resume=False)  # a new folder is fine

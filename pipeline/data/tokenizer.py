@@ -21,6 +21,7 @@ from typing import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from pipeline.errors import ConfigError
 from pipeline.io import sha256_json
 from pipeline.runtime import hub_offline, is_hub_name
 
@@ -89,8 +90,8 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = TINY_VOCAB_SIZE
 
 
 def _tiny_corpus() -> list[str]:
-    from pipeline.builtin_data import builtin_split
-    from pipeline.prompts import render_prompt
+    from pipeline.data.builtin import builtin_split
+    from pipeline.data.prompts import render_prompt
 
     return [render_prompt(r["instruction"], r["input"]) + r["output"] for r in builtin_split("train")]
 
@@ -126,9 +127,10 @@ def _load_dir(path: Path | str) -> PreTrainedTokenizerBase:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=local)
     except (OSError, ValueError) as e:
         hint = " (HF_HUB_OFFLINE is set: only the local hub cache is searched)" if hub_offline() else ""
-        raise ValueError(f"cannot load a tokenizer from {path}{hint}: {e}") from e
+        raise ConfigError(f"cannot load a tokenizer from {path}{hint}: {e}; a model dir without one needs "
+                          f"--tokenizer DIR") from e
     if tok.eos_token is None:
-        raise ValueError(f"tokenizer in {path} has no eos_token; the pipeline needs one to end responses")
+        raise ConfigError(f"tokenizer in {path} has no eos_token; the pipeline needs one to end responses")
     if tok.pad_token is None:
         # GPT-2-style tokenizers have no pad token; padding positions are masked out, so EOS can stand in.
         tok.pad_token = tok.eos_token
@@ -143,7 +145,7 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
         return builtin_tiny()
     path = Path(spec)
     if not path.is_dir() and not is_hub_name(spec):
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer {spec!r}: not a local directory, not a hub name (org/name), and not one of "
             f"{', '.join(BUILTIN_SPECS)}"
         )
@@ -177,7 +179,7 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
 
 
 def check_same_tokenizer(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase) -> None:
-    """Raise ValueError when teacher and student would read the same text as different ids."""
+    """Raise ConfigError when teacher and student would read the same text as different ids."""
     if tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(student_tok):
         return
     t, s = _describe(teacher_tok), _describe(student_tok)
@@ -189,7 +191,7 @@ def check_same_tokenizer(teacher_tok: PreTrainedTokenizerBase, student_tok: PreT
             details.append(f"{name} differs (teacher {t['special'][name]}, student {s['special'][name]})")
     if not details:
         details.append("their vocabularies or tokenization rules differ")
-    raise ValueError(
+    raise ConfigError(
         "teacher and student tokenizers differ: " + "; ".join(details)
         + ". Distillation compares them token by token, so both must use the same tokenizer."
     )

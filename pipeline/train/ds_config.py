@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError, read_config_text
+from pipeline.config import read_config_text
+from pipeline.errors import ConfigError
 
 AUTO = "auto"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

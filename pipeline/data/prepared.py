@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from pipeline.data.sources import Example
+from pipeline.data.tokenizer import encode_text, load_tokenizer, tokenizer_fingerprint
+from pipeline.errors import ConfigError, DataError
 from pipeline.io import atomic_path, read_json, sha256_file, write_json_atomic
-from pipeline.sources import Example
-from pipeline.tokenizer import encode_text, load_tokenizer, tokenizer_fingerprint
 
 MANIFEST_KIND = "geokd.prepared"
 INCOMPLETE = ".prepare-incomplete"
@@ -49,9 +50,9 @@ def tokenize_examples(examples: Sequence[Example], tok: PreTrainedTokenizerBase,
     prefix = tok("")["input_ids"]  # what the tokenizer itself puts in front of any text (OPT: </s>)
     tail = len(encode_text(tok, RESPONSE_MARKER))
     if prompt_overflow not in ("truncate", "drop"):
-        raise ValueError(f"prompt_overflow={prompt_overflow!r}: choose 'truncate' or 'drop'")
+        raise ConfigError(f"prompt_overflow={prompt_overflow!r}: choose 'truncate' or 'drop'")
     if not len(prefix) + tail < max_prompt_len < max_len:
-        raise ValueError(f"need {len(prefix) + tail} < max_prompt_len ({max_prompt_len}) < max_len ({max_len})")
+        raise ConfigError(f"need {len(prefix) + tail} < max_prompt_len ({max_prompt_len}) < max_len ({max_len})")
     batch = dict(add_special_tokens=False, split_special_tokens=True)
     prompt_ids = tok([e.prompt for e in examples], **batch)["input_ids"]
     response_ids = tok([e.references[0] for e in examples], **batch)["input_ids"]
@@ -85,16 +86,16 @@ def split_samples(samples: list[Sample], valid_fraction: float = 0.0, valid_size
                   seed: int = 42, main: str = "train") -> dict[str, list[Sample]]:
     """{main: ..., 'valid': ...} with a seeded random validation set; order within a split is kept."""
     if valid_fraction and valid_size:
-        raise ValueError("give valid_fraction or valid_size, not both")
+        raise ConfigError("give valid_fraction or valid_size, not both")
     if not 0.0 <= valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction={valid_fraction}: must be in [0, 1)")
+        raise ConfigError(f"valid_fraction={valid_fraction}: must be in [0, 1)")
     n_valid = valid_size or int(round(valid_fraction * len(samples)))
     if n_valid >= len(samples) and n_valid:
-        raise ValueError(f"a validation set of {n_valid} leaves no training samples out of {len(samples)}")
+        raise ConfigError(f"a validation set of {n_valid} leaves no training samples out of {len(samples)}")
     if not n_valid:
         return {main: samples}
     if main == "valid":
-        raise ValueError("the main split cannot be called 'valid' when a validation set is split off")
+        raise ConfigError("the main split cannot be called 'valid' when a validation set is split off")
     chosen = set(np.random.default_rng(seed).permutation(len(samples))[:n_valid].tolist())
     return {main: [s for i, s in enumerate(samples) if i not in chosen],
             "valid": [s for i, s in enumerate(samples) if i in chosen]}
@@ -210,7 +211,7 @@ class TokenDataset(torch.utils.data.Dataset):
                 raise FileNotFoundError(f"{path} is listed in the manifest but missing")
             t = load_file(str(path))
             if len(t["sample_ids"]) != shard["samples"] or len(t["offsets"]) != shard["samples"] + 1:
-                raise ValueError(f"{path}: {len(t['sample_ids'])} samples, manifest says {shard['samples']}")
+                raise DataError(f"{path}: {len(t['sample_ids'])} samples, manifest says {shard['samples']}")
             ids.append(t["input_ids"])
             offsets.extend((t["offsets"][1:] + offsets[-1]).tolist())
             prompt_lens.append(t["prompt_lens"])
@@ -247,7 +248,7 @@ class PreparedData:
             raise FileNotFoundError(f"{self.path} is not prepared data: no manifest.json{hint}")
         self.manifest = read_json(self.path / "manifest.json")
         if self.manifest.get("kind") != MANIFEST_KIND:
-            raise ValueError(f"{self.path}/manifest.json is of kind {self.manifest.get('kind')!r}, "
+            raise DataError(f"{self.path}/manifest.json is of kind {self.manifest.get('kind')!r}, "
                              f"not {MANIFEST_KIND!r}")
         self.fingerprint: str = self.manifest["fingerprint"]
         self.tokenizer_fingerprint: str = self.manifest["tokenizer"]["fingerprint"]
@@ -258,13 +259,13 @@ class PreparedData:
 
     def _entry(self, name: str) -> dict:
         if name not in self.manifest["splits"]:
-            raise KeyError(f"{self.path} has no split {name!r}; it has {', '.join(self.splits)}")
+            raise DataError(f"{self.path} has no split {name!r}; it has {', '.join(self.splits)}")
         return self.manifest["splits"][name]
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         tok = load_tokenizer(str(self.path / "tokenizer"))
         if tokenizer_fingerprint(tok) != self.tokenizer_fingerprint:
-            raise ValueError(f"{self.path}/tokenizer does not match the fingerprint in its manifest")
+            raise DataError(f"{self.path}/tokenizer does not match the fingerprint in its manifest")
         return tok
 
     def split(self, name: str = "train") -> TokenDataset:
@@ -280,7 +281,7 @@ class PreparedData:
             for f in entry["shards"] + [entry["records"]]:
                 path = self.path / f["file"]
                 if not path.is_file() or sha256_file(path) != f["sha256"]:
-                    raise ValueError(f"{path}: missing or changed since it was written (sha256 mismatch)")
+                    raise DataError(f"{path}: missing or changed since it was written (sha256 mismatch)")
 
 
 def collate_batch(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -6,35 +6,42 @@
 the engine shards, clips and optimizes the projections with the student under any ZeRO stage. Its forward returns
 every loss term, so the training loop logs what it optimizes.
 
-Teacher targets arrive as one dict whatever their origin (a feature store streamed by the DataLoader, or an
-online teacher run by `online_teacher_targets`): `{"layers": {t: [B, T, d_t]}, "final": [B, T, d_t] | None,
-"topk_values" / "topk_indices": [B, T, k] | None, "head_weight": [V, d_t] | None, "head_bias": [V] | None}`.
-Token sets: CE and KD use the response tokens that predict a label (labels != -100, shifted as in causal LM
+Teacher targets arrive as one `TeacherTargets` whatever their origin (pipeline/train/targets.py). Token sets: CE and KD use the response tokens that predict a label (labels != -100, shifted as in causal LM
 training); the feature distances use every non-pad token (prompt and response) of the micro-batch, as rows.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.geometry import FEATURE_LOSSES, ProjectionMSE, cka_distance, feature_gram_distance, logit_kd
-from pipeline.geometry import procrustes_distance
-from pipeline.models import FINAL, capture_hidden_states, record_hidden_states
+from pipeline.errors import ConfigError
+from pipeline.geometry import (
+    FeatureLoss, cka_distance, feature_gram_distance, feature_loss, logit_kd, procrustes_distance,
+)
+from pipeline.models import FINAL, layer_map, record_hidden_states
+from pipeline.train.config import TrainConfig, parse_layer_map
+from pipeline.train.targets import TeacherTargets
+
+Mode = Literal["sft", "distill"]
+KDSource = Literal["final", "topk", "none"]
+Layer = int | str  # a hidden-state index or FINAL
 
 
 @dataclass(frozen=True)
 class Objective:
-    mode: str  # sft | distill
+    """What a run optimizes, resolved from its options; it alone says which layers each side must provide."""
+
+    mode: Mode
     alpha: float
     beta: float
-    loss: str  # procrustes | fg | cka | proj_mse | none
-    pairs: tuple[tuple[int, int], ...]
+    loss: str  # a name in geometry.FEATURE_LOSSES, or "none"
+    pairs: tuple[tuple[int, int], ...]  # (student, teacher) hidden-state indices
     weights: tuple[float, ...]
-    kd: str  # final | topk | none
+    kd: KDSource
     temperature: float = 1.0
 
     @property
@@ -46,12 +53,66 @@ class Objective:
         return self.mode == "distill" and self.kd != "none" and self.alpha > 0
 
     @property
+    def feature_loss(self) -> FeatureLoss | None:
+        return feature_loss(self.loss) if self.uses_features else None
+
+    @property
     def teacher_layers(self) -> list[int]:
-        return sorted({t for _, t in self.pairs}) if self.uses_features else []
+        """Teacher hidden states the training loss reads."""
+        return mapped_teacher_layers(self.pairs) if self.uses_features else []
+
+    @property
+    def store_layers(self) -> list[Layer]:
+        """What a training feature store must hold: the loss's layers, and the final state for exact KD."""
+        return list(self.teacher_layers) + ([FINAL] if self.kd == "final" else [])
+
+    @property
+    def valid_layers(self) -> list[Layer]:
+        """What validation reads: every mapped teacher layer (the D_P / D_FG / D_CKA report) and what KD needs."""
+        return mapped_teacher_layers(self.pairs) + ([FINAL] if self.kd == "final" else [])
+
+    def student_layers(self, with_report: bool = False) -> list[int]:
+        """Student hidden states to record: the loss's, or with `with_report` every mapped one (validation)."""
+        keep = self.uses_features or (with_report and self.mode == "distill")
+        return sorted({s for s, _ in self.pairs}) if keep else []
+
+
+def mapped_teacher_layers(pairs: Sequence[tuple[int, int]]) -> list[int]:
+    """The teacher hidden states a layer map reads, sorted: the layers to cache."""
+    return sorted({t for _, t in pairs})
+
+
+def build_objective(cfg: TrainConfig, n_student: int, n_teacher: int, store: Any | None) -> Objective:
+    """The objective of a run's options; `store` (a FeatureStore, or None for an online teacher) decides `kd auto`."""
+    if cfg.mode == "sft":
+        return Objective("sft", 0.0, 0.0, "none", (), (), "none", cfg.kd_temperature)
+    try:
+        pairs = layer_map(n_student, n_teacher, parse_layer_map(cfg.layer_map), cfg.n_layer_pairs)
+    except ValueError as e:
+        raise ConfigError(f"--layer_map / --n_layer_pairs: {e}") from e
+    weights = list(cfg.layer_weights) or [1.0 / len(pairs)] * len(pairs)
+    kd = cfg.kd
+    if cfg.alpha == 0:
+        kd = "none"
+    elif kd == "auto":
+        if store is None or FINAL in store.layers:
+            kd = "final"
+        elif store.manifest.get("topk_logits"):
+            kd = "topk"
+        else:
+            raise ConfigError(f"--alpha {cfg.alpha} needs teacher logits, but {cfg.features} stores neither 'final' "
+                              f"nor top-k logits (cache with --final or --topk_logits K, or pass --alpha 0)")
+    if kd == "topk" and store is None:
+        raise ConfigError("--kd topk reads stored top-k logits; the online teacher gives exact logits (--kd final)")
+    return Objective("distill", cfg.alpha, cfg.beta, cfg.loss, tuple(pairs), tuple(weights), kd, cfg.kd_temperature)
+
+
+def pair_key(s: int, t: int) -> str:
+    return f"s{s}_t{t}"
 
 
 def pair_name(loss: str, s: int, t: int) -> str:
-    return f"{loss}/s{s}_t{t}"
+    return f"{loss}/{pair_key(s, t)}"
 
 
 class StudentWithHeads(nn.Module):
@@ -61,22 +122,24 @@ class StudentWithHeads(nn.Module):
         super().__init__()
         self.student = student
         self.objective = objective
+        # A learned feature loss (projection MSE) gets its parameters per layer pair here, so the engine
+        # shards, clips and optimizes them with the student.
         self.projections = nn.ModuleDict()
-        if objective.uses_features and objective.loss == "proj_mse":
+        loss = objective.feature_loss
+        if loss is not None and loss.learned:
             d_s = student.config.hidden_size
             for s, t in objective.pairs:
                 if teacher_dims is None or t not in teacher_dims:
-                    raise ValueError(f"proj_mse needs the width of teacher layer {t}")
-                self.projections[f"s{s}_t{t}"] = ProjectionMSE(d_s, teacher_dims[t])
+                    raise ValueError(f"{loss.name} needs the width of teacher layer {t}")
+                self.projections[pair_key(s, t)] = loss.make_params(d_s, teacher_dims[t])
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                teacher: dict[str, Any] | None = None, return_hidden: bool = False, ce_only: bool = False
+                teacher: TeacherTargets | None = None, return_hidden: bool = False, ce_only: bool = False
                 ) -> dict[str, Any]:
         """Loss terms; with `return_hidden`, also "hidden": the mapped student layers (for validation reports);
         `ce_only` skips the teacher terms (validation when no teacher targets exist for that split)."""
         obj = self.objective
-        keep = obj.uses_features or (return_hidden and obj.mode == "distill")
-        student_layers = sorted({s for s, _ in obj.pairs}) if keep else []
+        student_layers = obj.student_layers(with_report=return_hidden)
         # Hooks on the decoder layers' outputs; they are removed when the block ends, so the recomputation of a
         # checkpointed layer in backward does not fire them (and the tensors kept are the forward's own outputs).
         # The LM head runs only where a label is predicted (prompt and padding positions carry no loss), so the
@@ -103,15 +166,12 @@ class StudentWithHeads(nn.Module):
             kd = kd_loss(logits, predict, teacher, obj.kd, obj.temperature)
             terms["kd"] = kd
             total = total + obj.alpha * kd
-        if obj.uses_features:
+        loss = obj.feature_loss
+        if loss is not None:
             feat = torch.zeros((), device=final.device, dtype=torch.float32)
-            fn = FEATURE_LOSSES.get(obj.loss)
             for (s, t), w in zip(obj.pairs, obj.weights):
-                t_feat = teacher["layers"][t]
-                if obj.loss == "proj_mse":
-                    d = self.projections[f"s{s}_t{t}"](hidden[s], t_feat, attention_mask)
-                else:
-                    d = fn(hidden[s], t_feat, attention_mask)
+                d = loss(hidden[s], teacher.layers[t], attention_mask, self.projections[pair_key(s, t)]
+                         if loss.learned else None)
                 terms[pair_name(obj.loss, s, t)] = d
                 feat = feat + w * d
             total = total + obj.beta * feat
@@ -119,23 +179,17 @@ class StudentWithHeads(nn.Module):
         return terms
 
 
-def kd_loss(logits: Tensor, predict: Tensor, teacher: dict[str, Any], source: str, temperature: float) -> Tensor:
+def kd_loss(logits: Tensor, predict: Tensor, teacher: TeacherTargets, source: str, temperature: float) -> Tensor:
     """KL(teacher || student) at the predicting positions (`logits`: the student's there, [N, V]), from exact
-    teacher logits (stored final hidden state @ LM-head weight) or the stored top-k log-probabilities."""
+    teacher logits (final hidden state through the teacher's LM head) or the stored top-k log-probabilities."""
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
     if source == "final":
-        final = teacher.get("final")
-        weight = teacher.get("head_weight")
-        if final is None or weight is None:
+        if teacher.final is None or teacher.head is None:
             raise ValueError("KD from the final hidden state needs the stored 'final' layer and the LM-head weight")
-        h = final[:, :-1][predict].to(weight.dtype)
-        t_logits = h @ weight.T
-        if teacher.get("head_bias") is not None:
-            t_logits = t_logits + teacher["head_bias"]
-        return logit_kd(logits, t_logits, None, temperature)
+        return logit_kd(logits, teacher.head.logits(teacher.final[:, :-1][predict]), None, temperature)
     if source == "topk":
-        values, indices = teacher.get("topk_values"), teacher.get("topk_indices")
+        values, indices = teacher.topk_values, teacher.topk_indices
         if values is None or indices is None:
             raise ValueError("top-k KD needs a store cached with --topk_logits")
         v = values[:, :-1][predict].float()
@@ -150,25 +204,6 @@ def topk_kd(student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tenso
     log_pt = torch.log_softmax(teacher_logprobs / temperature, dim=-1)
     log_ps = torch.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_ids)
     return (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean() * temperature**2
-
-
-@torch.no_grad()
-def online_teacher_targets(teacher: nn.Module, input_ids: Tensor, attention_mask: Tensor, objective: Objective,
-                           layers: Sequence[int] | None = None) -> dict[str, Any]:
-    """The targets a feature store would hold, from a frozen teacher's forward on this micro-batch (`layers`:
-    the hidden states to return, by default those the objective's feature loss reads)."""
-    layers = list(objective.teacher_layers if layers is None else layers)
-    want_final = objective.uses_kd
-    if not layers and not want_final:
-        return {"layers": {}}
-    hidden = capture_hidden_states(teacher, input_ids, attention_mask, layers, final=want_final)
-    head = teacher.get_output_embeddings()
-    return {
-        "layers": {t: hidden[t] for t in layers},
-        "final": hidden.get(FINAL),
-        "head_weight": head.weight if want_final else None,
-        "head_bias": getattr(head, "bias", None) if want_final else None,
-    }
 
 
 @torch.no_grad()

@@ -1,10 +1,10 @@
-"""The training run behind `./run.sh train`: inputs checked, a DeepSpeed engine built, the loop, the outputs.
+"""Setting up a training run (`./run.sh train`): inputs checked (`plan_run`), then a DeepSpeed engine (`setup`).
 
 Runs unchanged as one process, under `torchrun`, or under the `deepspeed` launcher (pipeline/runtime.py fills the
 rendezvous variables of a plain process). The run folder:
 
     OUT/config.yaml         the options of the run            OUT/ds_config.json   the resolved DeepSpeed config
-    OUT/checkpoints/        DeepSpeed checkpoints + data position + RNG (pipeline/checkpointing.py)
+    OUT/checkpoints/        DeepSpeed checkpoints + data position + RNG (pipeline/train/checkpointing.py)
     OUT/tb/                 TensorBoard: every loss term, lr, grad norm, tokens/s; validation loss, D_P/D_FG/D_CKA
     OUT/metrics.jsonl       the same numbers, one JSON line per logged step or validation
     OUT/model/              the consolidated student (Hugging Face dir, tokenizer included)
@@ -16,20 +16,23 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from pipeline.config import ConfigError, save_config
-from pipeline.ds_config import EngineSettings, load_ds_config, precision_of, resolve_ds_config, torch_dtype
-from pipeline.ds_config import zero_stage
-from pipeline.feature_store import FeatureStore
-from pipeline.io import read_json, write_json_atomic
-from pipeline.models import FINAL, PRESETS, layer_map, load_model, model_fingerprint
-from pipeline.objective import Objective, StudentWithHeads
-from pipeline.runtime import DistInfo, dist_info, ensure_dist_env, pick_device, seed_everything
-from pipeline.train_config import TrainConfig, check_config, parse_layer_map, teacher_mode
-from pipeline.train_data import make_collate, make_dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline.config import save_config
+from pipeline.data.prepared import PreparedData, TokenDataset
+from pipeline.errors import ConfigError
+from pipeline.features.store import FeatureStore
+from pipeline.io import write_json_atomic
+from pipeline.models import FINAL, LMHead, load_frozen_teacher, load_model, model_fingerprint, model_shape
+from pipeline.runtime import DistInfo, dist_info, ensure_dist_env, pick_device, seed_everything, torch_dtype
+from pipeline.train.config import TrainConfig, check_config, teacher_mode
+from pipeline.train.data import make_collate, make_dataset
+from pipeline.train.ds_config import EngineSettings, load_ds_config, precision_of, resolve_ds_config, zero_stage
+from pipeline.train.objective import Objective, StudentWithHeads, build_objective
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
@@ -48,17 +51,17 @@ class Run:
     dist: DistInfo
     device: torch.device
     out: Path
-    engine: Any
+    engine: Any  # deepspeed.DeepSpeedEngine wrapping a StudentWithHeads
     stage: int
     objective: Objective
-    tokenizer: Any
-    train_set: Any
-    valid_set: Any | None
+    tokenizer: PreTrainedTokenizerBase
+    train_set: torch.utils.data.Dataset
+    valid_set: torch.utils.data.Dataset | None
     valid_store: FeatureStore | None
-    teacher: Any | None
-    head: tuple[torch.Tensor, torch.Tensor | None] | None
-    collate: Any
-    valid_collate: Any
+    teacher: PreTrainedModel | None  # the online teacher; None with stored features
+    head: LMHead | None  # the stored teacher's LM head, for exact KD
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    valid_collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
     steps_per_epoch: int
     total_steps: int
     inputs: dict[str, Any]
@@ -71,28 +74,14 @@ def check_output_folder(out: Path, resume: bool) -> None:
         raise FileExistsError(f"{out} holds a previous run; pass --resume to continue it or choose another --out")
 
 
-def model_shape(spec: str, option: str) -> tuple[int, int]:
-    """(hidden size, decoder layers) of a model dir or preset, from its config alone (no weights loaded)."""
-    if spec.startswith("preset:"):
-        name = spec.split(":", 1)[1]
-        if name not in PRESETS:
-            raise ConfigError(f"--{option} {spec}: unknown preset; choose one of {', '.join(PRESETS)}")
-        return int(PRESETS[name]["hidden_size"]), int(PRESETS[name]["num_hidden_layers"])
-    cfg_path = Path(spec) / "config.json"
-    if not cfg_path.is_file():
-        raise ConfigError(f"--{option} {spec}: not a model directory with config.json, and not preset:NAME")
-    c = read_json(cfg_path)
-    return int(c["hidden_size"]), int(c["num_hidden_layers"])
-
-
 @dataclass
 class Plan:
     """The checked inputs of a run, before any process group, engine or model weights exist."""
 
-    data: Any
-    tokenizer: Any
-    train_tokens: Any
-    valid_tokens: Any | None
+    data: PreparedData
+    tokenizer: PreTrainedTokenizerBase
+    train_tokens: TokenDataset
+    valid_tokens: TokenDataset | None
     teacher_mode: str
     store: FeatureStore | None
     valid_store: FeatureStore | None
@@ -104,8 +93,6 @@ class Plan:
 
 def plan_run(cfg: TrainConfig) -> Plan:
     """Check everything that can be checked cheaply, so a bad option fails in seconds with its name."""
-    from pipeline.data import PreparedData
-
     check_config(cfg)
     dist = dist_info()
     check_output_folder(Path(cfg.out), cfg.resume)
@@ -148,7 +135,7 @@ def plan_run(cfg: TrainConfig) -> Plan:
         # depend on the cache stage's seed, so presets are not checked).
         teacher_dir = cfg.teacher if cfg.teacher and not cfg.teacher.startswith("preset:") else None
         store.check_compatible(data_fingerprint=data.fingerprint, tokenizer_fingerprint=data.tokenizer_fingerprint,
-                               layers=_store_layers(objective),
+                               layers=objective.store_layers,
                                teacher_fingerprint=model_fingerprint(teacher_dir) if teacher_dir else None)
         if cfg.valid_features and valid_tokens is not None:
             valid_store = FeatureStore(cfg.valid_features)
@@ -158,13 +145,13 @@ def plan_run(cfg: TrainConfig) -> Plan:
             valid_store.check_compatible(data_fingerprint=data.fingerprint,
                                          tokenizer_fingerprint=data.tokenizer_fingerprint,
                                          teacher_fingerprint=store.manifest["teacher"]["fingerprint"],
-                                         layers=_valid_layers(objective))
+                                         layers=objective.valid_layers)
 
     ds_cfg = resolve_ds_config(load_ds_config(cfg.ds_config), EngineSettings(
         micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum, world_size=dist.world_size,
         grad_clip=cfg.grad_clip, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay, precision=cfg.precision, hidden_size=d_student), origin=cfg.ds_config)
-    global_batch = cfg.micro_batch_size * cfg.grad_accum * dist.world_size
+    global_batch = cfg.global_batch(dist.world_size)
     if len(train_tokens) < global_batch:
         raise ConfigError(f"split {cfg.train_split!r} has {len(train_tokens)} samples, fewer than one global batch "
                           f"of {global_batch} (micro_batch_size x grad_accum x ranks)")
@@ -195,9 +182,9 @@ def load_student(cfg: TrainConfig, plan: Plan, stage: int) -> Any:
     return student
 
 
-def setup(cfg: TrainConfig) -> Run:
-    """Checked inputs, then the process group, models and the DeepSpeed engine."""
-    plan = plan_run(cfg)
+def setup(cfg: TrainConfig, plan: Plan | None = None) -> Run:
+    """The process group, models and the DeepSpeed engine of checked inputs (`plan_run(cfg)` unless given)."""
+    plan = plan or plan_run(cfg)
     dist = ensure_dist_env()
     import deepspeed
 
@@ -210,17 +197,16 @@ def setup(cfg: TrainConfig) -> Run:
     teacher = head = None
     if plan.teacher_mode == "online":
         # Loaded before any ZeRO-3 context so it stays whole on every rank (it is not trained).
-        teacher = load_model(cfg.teacher, tokenizer=plan.tokenizer, dtype=dtype, seed=cfg.seed).to(device).eval()
-        teacher.requires_grad_(False)
+        teacher, _ = load_frozen_teacher(cfg.teacher, tokenizer=plan.tokenizer, dtype=dtype, device=device,
+                                         world_size=dist.world_size, seed=cfg.seed)
         plan.inputs["teacher"] = {"spec": cfg.teacher, "fingerprint": model_fingerprint(
             teacher if cfg.teacher.startswith("preset:") else cfg.teacher)}
     elif store is not None and objective.kd == "final":
-        weight, bias = stored_head(store)
-        head = (weight.to(device, dtype), None if bias is None else bias.to(device, dtype))
+        head = store.lm_head().to(device, dtype)
     model = StudentWithHeads(load_student(cfg, plan, stage), objective, plan.teacher_dims)
 
-    train_set = make_dataset(plan.train_tokens, store, _store_layers(objective), topk=objective.kd == "topk")
-    steps_per_epoch = len(train_set) // (cfg.micro_batch_size * cfg.grad_accum * dist.world_size)
+    train_set = make_dataset(plan.train_tokens, store, objective.store_layers, topk=objective.kd == "topk")
+    steps_per_epoch = len(train_set) // cfg.global_batch(dist.world_size)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(round(cfg.warmup_ratio * total_steps))
     schedule = functools.partial(warmup_cosine, warmup=warmup, total=total_steps, min_ratio=cfg.min_lr_ratio)
@@ -230,7 +216,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     valid_set = None
     if plan.valid_tokens is not None:
-        valid_set = make_dataset(plan.valid_tokens, plan.valid_store, _valid_layers(objective),
+        valid_set = make_dataset(plan.valid_tokens, plan.valid_store, objective.valid_layers,
                                  topk=objective.kd == "topk")
     out = Path(cfg.out)
     if dist.is_main:
@@ -243,46 +229,3 @@ def setup(cfg: TrainConfig) -> Run:
                teacher=teacher, head=head, collate=make_collate(pad, store is not None),
                valid_collate=make_collate(pad, plan.valid_store is not None), steps_per_epoch=steps_per_epoch,
                total_steps=total_steps, inputs=plan.inputs)
-
-
-def stored_head(store: FeatureStore) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The teacher's LM head stored beside the features (weight, and bias when the head has one)."""
-    from safetensors import safe_open
-
-    weight = store.lm_head_weight()
-    with safe_open(str(store.path / store.manifest["lm_head"]["file"]), framework="pt") as f:
-        bias = f.get_tensor("bias") if "bias" in f.keys() else None
-    return weight, bias
-
-
-def _store_layers(objective: Objective) -> list[Any]:
-    return list(objective.teacher_layers) + ([FINAL] if objective.kd == "final" else [])
-
-
-def _valid_layers(objective: Objective) -> list[Any]:
-    """Validation reads every mapped teacher layer (for the D_P / D_FG / D_CKA report) and what KD needs."""
-    return sorted({t for _, t in objective.pairs}) + ([FINAL] if objective.kd == "final" else [])
-
-
-def build_objective(cfg: TrainConfig, n_student: int, n_teacher: int, store: FeatureStore | None) -> Objective:
-    if cfg.mode == "sft":
-        return Objective("sft", 0.0, 0.0, "none", (), (), "none", cfg.kd_temperature)
-    try:
-        pairs = layer_map(n_student, n_teacher, parse_layer_map(cfg.layer_map), cfg.n_layer_pairs)
-    except ValueError as e:
-        raise ConfigError(f"--layer_map / --n_layer_pairs: {e}") from e
-    weights = list(cfg.layer_weights) or [1.0 / len(pairs)] * len(pairs)
-    kd = cfg.kd
-    if cfg.alpha == 0:
-        kd = "none"
-    elif kd == "auto":
-        if store is None or FINAL in store.layers:
-            kd = "final"
-        elif store.manifest.get("topk_logits"):
-            kd = "topk"
-        else:
-            raise ConfigError(f"--alpha {cfg.alpha} needs teacher logits, but {cfg.features} stores neither 'final' "
-                              f"nor top-k logits (cache with --final or --topk_logits K, or pass --alpha 0)")
-    if kd == "topk" and store is None:
-        raise ConfigError("--kd topk reads stored top-k logits; the online teacher gives exact logits (--kd final)")
-    return Objective("distill", cfg.alpha, cfg.beta, cfg.loss, tuple(pairs), tuple(weights), kd, cfg.kd_temperature)

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import feature_cache as fc
-from pipeline.data import PreparedData
-from pipeline.feature_store import (
-    FeatureDataset, FeatureStore, StoreError, collate_with_features, shard_file,
-)
+from pipeline import models
+from pipeline.data.prepared import PreparedData
+from pipeline.errors import StoreError
+from pipeline.features.format import shard_file
+from pipeline.features.store import FeatureDataset, FeatureStore, collate_with_features
 from pipeline.models import capture_hidden_states, load_model, model_fingerprint
-from stages.cache_teacher import main
+from stages.cache import main
 
 ROOT = Path(__file__).resolve().parents[1]
 # Units of ~3k tokens: the 36k-token train split makes 12 shards, so a kill after the first lands mid-run.
@@ -49,7 +49,7 @@ def reference(prepared_tiny, tiny_pair, tmp_path_factory):
 def test_sigkill_then_rerun_gives_the_same_store(reference, prepared_tiny, tiny_pair, tmp_path, capsys):
     out = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "stages.cache_teacher",
+    proc = subprocess.Popen([sys.executable, "-m", "stages.cache",
                              *cache_args(prepared_tiny, tiny_pair.teacher, out, *BIG_ARGS)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = out / "shards" / "unit-00000.json"
@@ -78,7 +78,7 @@ def test_two_torchrun_ranks_give_the_same_store(reference, prepared_tiny, tiny_p
     out = tmp_path / "two_ranks"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "stages.cache_teacher", *cache_args(prepared_tiny, tiny_pair.teacher, out, *BIG_ARGS)],
+                        "-m", "stages.cache", *cache_args(prepared_tiny, tiny_pair.teacher, out, *BIG_ARGS)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert shard_checksums(out) == shard_checksums(reference)
@@ -157,11 +157,11 @@ def test_final_state_topk_and_lowrank(prepared_tiny, tiny_pair, tmp_path):
 def test_mismatched_rerun_is_refused_naming_what_differs(reference, prepared_tiny, tiny_pair, tmp_path, capsys):
     before = shard_checksums(reference)
     assert main(cache_args(prepared_tiny, tiny_pair.teacher, reference, "--layers", "0", "3",
-                           *BIG_ARGS[3:])) == 1
+                           *BIG_ARGS[3:])) == 2
     assert "another layers (store: [0, 1], this run: [0, 3])" in capsys.readouterr().err
-    assert main(cache_args(prepared_tiny, tiny_pair.student, reference, *BIG_ARGS)) == 1
+    assert main(cache_args(prepared_tiny, tiny_pair.student, reference, *BIG_ARGS)) == 2
     assert "another teacher" in capsys.readouterr().err
-    assert main(cache_args(prepared_tiny, tiny_pair.teacher, reference, *BIG_ARGS, "--split", "valid")) == 1
+    assert main(cache_args(prepared_tiny, tiny_pair.teacher, reference, *BIG_ARGS, "--split", "valid")) == 2
     assert "another split" in capsys.readouterr().err
     assert shard_checksums(reference) == before  # nothing was touched
     assert main(cache_args(prepared_tiny, tiny_pair.teacher, reference, *BIG_ARGS)) == 0  # same run: complete
@@ -169,7 +169,7 @@ def test_mismatched_rerun_is_refused_naming_what_differs(reference, prepared_tin
 
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    assert main(cache_args(prepared_tiny, tiny_pair.teacher, blocker / "out", *BIG_ARGS)) == 1
+    assert main(cache_args(prepared_tiny, tiny_pair.teacher, blocker / "out", *BIG_ARGS)) == 2
     assert "cannot create output folder" in capsys.readouterr().err
 
 
@@ -178,7 +178,7 @@ def test_verify_names_damaged_shards_and_rerun_repairs(reference, prepared_tiny,
     shutil.copytree(reference, out)
     # Killed after the last shard but before the manifest: --finalize (or a rerun) completes it from the sidecars.
     (out / "manifest.json").unlink()
-    assert main(["--verify", "--out", str(out)]) == 1
+    assert main(["--verify", "--out", str(out)]) == 2
     assert "not finished, 0 of" in capsys.readouterr().err
     assert main(["--finalize", "--out", str(out)]) == 0
     assert shard_checksums(out) == shard_checksums(reference)
@@ -204,12 +204,12 @@ def test_verify_names_damaged_shards_and_rerun_repairs(reference, prepared_tiny,
 
 def test_teacher_placement_decisions():
     gib = 2**30
-    assert fc.teacher_placement(10 * gib, None, 0, 1, True) == "cpu"
-    assert fc.teacher_placement(10 * gib, 80 * gib, 1, 4, True) == "gpu"
-    assert fc.teacher_placement(100 * gib, 80 * gib, 2, 1, True) == "device_map"
+    assert models.teacher_placement(10 * gib, None, 0, 1, True) == "cpu"
+    assert models.teacher_placement(10 * gib, 80 * gib, 1, 4, True) == "gpu"
+    assert models.teacher_placement(100 * gib, 80 * gib, 2, 1, True) == "device_map"
     with pytest.raises(StoreError, match="run a single process"):
-        fc.teacher_placement(100 * gib, 80 * gib, 2, 2, True)
+        models.teacher_placement(100 * gib, 80 * gib, 2, 2, True)
     with pytest.raises(StoreError, match="install accelerate"):
-        fc.teacher_placement(100 * gib, 80 * gib, 2, 1, False)
+        models.teacher_placement(100 * gib, 80 * gib, 2, 1, False)
     with pytest.raises(StoreError, match="all 1 GPUs together are too small"):
-        fc.teacher_placement(100 * gib, 80 * gib, 1, 1, True)
+        models.teacher_placement(100 * gib, 80 * gib, 1, 1, True)

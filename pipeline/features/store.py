@@ -1,185 +1,24 @@
-"""The teacher feature store: shard format, shard writer, reader, verification, and the training-side Dataset.
+"""Reading a finished feature store: random access by sample id, and the training-side Dataset and collate.
 
-Layout of a store folder (written by `stages/cache_teacher.py`, see pipeline/feature_cache.py):
-
-    manifest.json                 kind "geokd.features"; written last, so its presence means the store is complete
-    plan.json                     what is being cached and the unit split (written first; resume checks it)
-    shards/unit-NNNNN.safetensors one per unit, a contiguous range of samples in TokenDataset order:
-        sample_ids int64 [n], offsets int64 [n+1]    rows offsets[i]:offsets[i+1] belong to sample_ids[i]
-        feat.<layer>  [n_tokens, d]   stored dtype; <layer> is the hidden-state index or "final";
-                                      low-rank layers hold k PCA coefficients instead of d features
-        topk.values float32 [n_tokens, k], topk.indices int32 [n_tokens, k]   (optional top-k log-probabilities)
-        crc.<name> int64 [n]          CRC32 of each sample's rows of tensor <name>: the reader checks every sample it
-                                      reads, so a flipped bit is an error naming the shard, never a silent wrong target
-    shards/unit-NNNNN.json        written after its shard: the shard's sha256, sizes, and the plan it belongs to
-    lowrank.safetensors           basis.<layer> float32 [d, k], mean.<layer> float32 [d] (optional)
-    lm_head.safetensors           weight [V, d] of the teacher's LM head (when "final" is stored)
-
-Why per-sample CRCs besides per-shard sha256: a DataLoader worker reads a few samples of many shards; hashing a
-whole shard on first touch would read the store once per worker, while CRC32 (~2.5 GB/s per core) of the rows
-actually read catches the same corruption where it matters, at about the cost of the read itself from page cache.
+Format: pipeline/features/format.py. Written by `./run.sh cache` (stages/cache.py, pipeline/features/cache.py).
 """
 from __future__ import annotations
 
-import json
 import os
-import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from pipeline.io import atomic_path, read_json, sha256_file
-
-KIND = "geokd.features"
-FORMAT_VERSION = 1
-SHARD_FORMAT = "geokd.features.shard/1"
-MANIFEST = "manifest.json"
-PLAN = "plan.json"
-SHARD_DIR = "shards"
-LOWRANK_FILE = "lowrank.safetensors"
-LM_HEAD_FILE = "lm_head.safetensors"
-TOKEN_RULE = (
-    "every token of each sample, prompt and response, in TokenDataset order and without padding: "
-    "row i of a sample's features is the teacher's hidden state at input_ids[i]"
+from pipeline.errors import StoreError
+from pipeline.features.format import (
+    DTYPES, FORMAT_VERSION, KIND, MANIFEST, PLAN, Layer, crc32, layer_key, open_safetensors, parse_layer,
+    read_lm_head, read_lowrank, read_shard_index, verify_files,
 )
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-Layer = int | str  # a hidden-state index (docs/contracts.md) or "final"
-
-
-class StoreError(RuntimeError):
-    """A feature store that cannot be used as asked; the message names the folder or shard and what is wrong."""
-
-
-def layer_key(layer: Layer) -> str:
-    return str(layer)
-
-
-def parse_layer(key: str | int) -> Layer:
-    if key == "final":
-        return "final"
-    try:
-        return int(key)
-    except (TypeError, ValueError):
-        raise StoreError(f"layer {key!r} is neither a hidden-state index nor 'final'") from None
-
-
-def shard_file(unit: int) -> str:
-    return f"{SHARD_DIR}/unit-{unit:05d}.safetensors"
-
-
-def sidecar_file(unit: int) -> str:
-    return f"{SHARD_DIR}/unit-{unit:05d}.json"
-
-
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def crc32(t: Tensor) -> int:
-    """CRC32 of a tensor's bytes (any dtype, bf16 included: viewed as an integer type numpy knows)."""
-    t = t if t.is_contiguous() else t.contiguous()
-    return zlib.crc32(t.view(_SAME_SIZE_INT[t.element_size()]).numpy())
-
-
-def _index_crc(sample_ids: Tensor, offsets: Tensor) -> int:
-    return zlib.crc32(offsets.contiguous().view(torch.uint8).numpy(), crc32(sample_ids))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------------------------------------------
-def write_shard(
-    path: str | Path, *, sample_ids: Tensor, offsets: Tensor, tensors: dict[str, Tensor], metadata: dict[str, str]
-) -> None:
-    """Write one shard atomically: it appears under `path` only once complete and fsynced.
-
-    `tensors` maps names ("feat.2", "topk.values", ...) to per-token tensors `[offsets[-1], ...]`. Raises StoreError
-    naming the file when the folder is unwritable or the disk is full; no partial file is left behind.
-    """
-    path = Path(path)
-    sample_ids = sample_ids.to(torch.int64).contiguous()
-    offsets = offsets.to(torch.int64).contiguous()
-    n = sample_ids.numel()
-    if offsets.shape != (n + 1,) or int(offsets[0]) != 0 or bool((offsets[1:] < offsets[:-1]).any()):
-        raise ValueError(f"{path.name}: offsets must be [n+1] non-decreasing from 0, got {offsets.tolist()[:8]}...")
-    n_tokens = int(offsets[-1])
-    bounds = offsets.tolist()
-    out: dict[str, Tensor] = {"sample_ids": sample_ids, "offsets": offsets}
-    for name, t in tensors.items():
-        if t.shape[0] != n_tokens:
-            raise ValueError(f"{path.name}: tensor {name} has {t.shape[0]} rows, offsets say {n_tokens} tokens")
-        t = t.contiguous()
-        out[name] = t
-        out[f"crc.{name}"] = torch.tensor([crc32(t[bounds[i] : bounds[i + 1]]) for i in range(n)], dtype=torch.int64)
-    meta = _metadata({"format": SHARD_FORMAT, **metadata, "index_crc": str(_index_crc(sample_ids, offsets))})
-    try:
-        with atomic_path(path) as tmp:
-            save_file(out, str(tmp), metadata=meta)
-    except Exception as e:  # OSError from the folder, SafetensorError wrapping ENOSPC/EFBIG from the write
-        raise StoreError(f"cannot write {path}: {e}") from e
-
-
-def _metadata(info: dict[str, Any]) -> dict[str, str]:
-    """safetensors metadata as ONE key holding sorted JSON: the library writes several keys in a per-process random
-    order, which would make identical shards hash differently from run to run."""
-    return {"geokd": json.dumps(info, sort_keys=True)}
-
-
-def read_metadata(handle: Any) -> dict[str, Any]:
-    """The geokd metadata of an open safetensors file ({} when it has none)."""
-    raw = (handle.metadata() or {}).get("geokd")
-    return json.loads(raw) if raw else {}
-
-
-def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[str, Any] | None = None) -> None:
-    """Atomic safetensors write for the store's side files (low-rank bases, LM head); bytes depend on content only."""
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=_metadata(metadata or {}))
-    except Exception as e:
-        raise StoreError(f"cannot write {path}: {e}") from e
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading
-# ---------------------------------------------------------------------------------------------------------------
-def _open(path: Path) -> Any:
-    try:
-        return safe_open(str(path), framework="pt")
-    except Exception as e:
-        raise StoreError(f"{path}: not a readable safetensors file ({e}); run `./run.sh cache --verify --out "
-                         f"{path.parent.parent}` and recompute it") from e
-
-
-def read_shard_index(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
-    """A shard's sample_ids, offsets, per-sample CRCs and metadata, after structural checks (error names the shard)."""
-    path = Path(path)
-    f = _open(path)
-    try:
-        meta = read_metadata(f)
-        if meta.get("format") != SHARD_FORMAT:
-            raise StoreError(f"{path}: not a geokd feature shard (format {meta.get('format')!r})")
-        sample_ids, offsets = f.get_tensor("sample_ids"), f.get_tensor("offsets")
-        if str(_index_crc(sample_ids, offsets)) != meta.get("index_crc"):
-            raise StoreError(f"{path}: sample_ids/offsets checksum mismatch (corrupt shard)")
-        crcs = {k[4:]: f.get_tensor(k).numpy() for k in f.keys() if k.startswith("crc.")}
-        n = sample_ids.numel()
-        for name in crcs:
-            rows = f.get_slice(name).get_shape()[0]
-            if rows != int(offsets[-1]) or crcs[name].shape != (n,):
-                raise StoreError(f"{path}: tensor {name} has {rows} rows for {int(offsets[-1])} tokens (corrupt shard)")
-    except StoreError:
-        raise
-    except Exception as e:
-        raise StoreError(f"{path}: cannot read ({e})") from e
-    return sample_ids.numpy(), offsets.numpy(), crcs, meta
-
+from pipeline.io import read_json
+from pipeline.models import LMHead
 
 class FeatureStore:
     """Random access to a finished feature store by sample id, through mmap (safetensors `safe_open`).
@@ -260,10 +99,7 @@ class FeatureStore:
 
     def _load_lowrank(self) -> dict[Layer, tuple[Tensor, Tensor]]:
         lr = self.manifest.get("lowrank")
-        if not lr:
-            return {}
-        f = _open(self.path / lr["file"])
-        return {parse_layer(k): (f.get_tensor(f"basis.{k}"), f.get_tensor(f"mean.{k}")) for k in lr["layers"]}
+        return read_lowrank(self.path / lr["file"]) if lr else {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -275,7 +111,7 @@ class FeatureStore:
             self._handles, self._pid = {}, os.getpid()
         h = self._handles.get(shard)
         if h is None:
-            h = self._handles[shard] = _open(self.path / self._shards[shard]["file"])
+            h = self._handles[shard] = open_safetensors(self.path / self._shards[shard]["file"])
         return h
 
     # -- public API ---------------------------------------------------------------------------------------------
@@ -338,12 +174,16 @@ class FeatureStore:
         """(basis [d, k], mean [d]) of a low-rank layer, None for a full one."""
         return self._lowrank.get(layer)
 
-    def lm_head_weight(self) -> Tensor:
-        """The teacher's LM-head weight [V, d]: exact teacher logits are `features["final"] @ weight.T`."""
+    def lm_head(self) -> LMHead:
+        """The teacher's LM head: exact teacher logits are `lm_head().logits(features["final"])`."""
         info = self.manifest.get("lm_head")
         if not info:
             raise StoreError(f"{self.path}: no LM-head weight stored (cache with --final)")
-        return _open(self.path / info["file"]).get_tensor("weight")
+        return read_lm_head(self.path / info["file"])
+
+    def lm_head_weight(self) -> Tensor:
+        """The teacher's LM-head weight [V, d]."""
+        return self.lm_head().weight
 
     def check_compatible(
         self,
@@ -379,32 +219,6 @@ class FeatureStore:
                 "bytes": sum(s["bytes"] for s in self._shards)}
 
 
-def verify_files(path: str | Path, manifest: dict[str, Any]) -> list[str]:
-    """Problems found in a store's files (empty when sound): sha256 of every shard and side file, shard structure."""
-    path, problems = Path(path), []
-    files = [(s["file"], s["sha256"], s["bytes"]) for s in manifest["shards"]]
-    for side in ("lowrank", "lm_head"):
-        if manifest.get(side):
-            files.append((manifest[side]["file"], manifest[side]["sha256"], manifest[side]["bytes"]))
-    for name, sha, size in files:
-        p = path / name
-        if not p.is_file():
-            problems.append(f"{p}: missing")
-        elif p.stat().st_size != size:
-            problems.append(f"{p}: {p.stat().st_size} bytes, manifest says {size} (truncated or replaced)")
-        elif sha256_file(p) != sha:
-            problems.append(f"{p}: sha256 mismatch (corrupt)")
-        elif name.startswith(SHARD_DIR):
-            try:
-                read_shard_index(p)
-            except StoreError as e:
-                problems.append(str(e))
-    return problems
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training side: token samples joined with their stored features
-# ---------------------------------------------------------------------------------------------------------------
 class FeatureDataset(torch.utils.data.Dataset):
     """Items of a TokenDataset with `"features": {layer: Tensor[L, d]}` from the store (and top-k when asked)."""
 
@@ -446,7 +260,7 @@ def collate_with_features(items: Sequence[dict[str, Any]], pad_id: int, dtype: t
                           ) -> dict[str, Any]:
     """`collate_batch` plus `"features": {layer: [B, T, d]}` aligned with its input_ids (attention_mask marks the
     valid rows); `dtype` casts features (e.g. torch.float32), None keeps the stored dtype."""
-    from pipeline.data import collate_batch
+    from pipeline.data.prepared import collate_batch
 
     batch = collate_batch(items, pad_id)
     T = batch["input_ids"].shape[1]

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.config import ConfigError
-from pipeline.ds_config import PRECISIONS
+from pipeline.errors import ConfigError
+from pipeline.geometry import FEATURE_LOSSES
+from pipeline.train.ds_config import PRECISIONS
 
 MODES = ("sft", "distill")
-FEATURE_LOSS_NAMES = ("procrustes", "fg", "cka", "proj_mse", "none")
+LOSS_CHOICES = (*FEATURE_LOSSES, "none")
 KD_SOURCES = ("auto", "final", "topk", "none")
 TEACHER_MODES = ("auto", "stored", "online")
 
@@ -32,7 +33,7 @@ class TrainConfig:
         "help": "feature store of the validation split, for D_P / D_FG / D_CKA on validation (optional)"})
     teacher_mode: str = field(default="auto", metadata={
         "help": "stored (stream --features), online (teacher forward each step) or auto (stored if --features)"})
-    loss: str = field(default="procrustes", metadata={"help": "feature loss: procrustes, fg, cka, proj_mse, none"})
+    loss: str = field(default="procrustes", metadata={"help": f"feature loss: {', '.join(LOSS_CHOICES)}"})
     alpha: float = field(default=0.5, metadata={"help": "KD weight a in (1-a) CE + a KD + b sum_l w_l D(l)"})
     beta: float = field(default=1.0, metadata={"help": "feature-loss weight b"})
     layer_map: list[str] = field(default_factory=list, metadata={
@@ -80,6 +81,10 @@ class TrainConfig:
         "help": "ranks on this machine: >1 relaunches the stage under torchrun (skip when you launch yourself)"})
     local_rank: int = field(default=-1, metadata={"help": "set by the deepspeed launcher; LOCAL_RANK is used"})
 
+    def global_batch(self, world_size: int) -> int:
+        """Samples per optimizer step over all ranks."""
+        return self.micro_batch_size * self.grad_accum * world_size
+
 
 def parse_layer_map(items: list[str]) -> list[tuple[int, int]] | None:
     """`["1:2", "2:4"]` -> [(1, 2), (2, 4)]; an empty list means the default map."""
@@ -101,7 +106,7 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("data", "student", "out"):
         if not getattr(cfg, name):
             raise ConfigError(f"--{name} is required")
-    choices = (("mode", MODES), ("loss", FEATURE_LOSS_NAMES), ("kd", KD_SOURCES),
+    choices = (("mode", MODES), ("loss", LOSS_CHOICES), ("kd", KD_SOURCES),
                ("teacher_mode", TEACHER_MODES), ("precision", PRECISIONS))
     for name, allowed in choices:
         if getattr(cfg, name) not in allowed:

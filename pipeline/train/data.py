@@ -16,7 +16,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from pipeline.feature_store import FeatureDataset, FeatureStore, collate_with_features
+from pipeline.features.store import FeatureDataset, FeatureStore, collate_with_features
 
 
 class StepBatchSampler(Sampler[list[int]]):
@@ -59,7 +59,7 @@ def make_dataset(tokens: Any, store: FeatureStore | None, layers: Sequence[Any],
 
 
 def make_collate(pad_id: int, with_features: bool) -> Any:
-    from pipeline.data import collate_batch
+    from pipeline.data.prepared import collate_batch
 
     if with_features:
         return functools.partial(collate_with_features, pad_id=pad_id)
@@ -100,17 +100,3 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         return x
 
     return {k: move(v) for k, v in batch.items()}
-
-
-def stored_targets(batch: dict[str, Any], head: tuple[torch.Tensor, torch.Tensor | None] | None,
-                   teacher_layers: Sequence[int]) -> dict[str, Any]:
-    """The objective's teacher dict from a collated batch with stored features (already on the device)."""
-    feats = batch.get("features", {})
-    return {
-        "layers": {t: feats[t] for t in teacher_layers},
-        "final": feats.get("final"),
-        "topk_values": batch.get("topk_values"),
-        "topk_indices": batch.get("topk_indices"),
-        "head_weight": head[0] if head is not None else None,
-        "head_bias": head[1] if head is not None else None,
-    }

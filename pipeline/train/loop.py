@@ -1,24 +1,40 @@
-"""The optimizer-step loop of a training run (built by pipeline/training.py), its validation and its logs."""
+"""The pieces of a training run after `setup`: resume, the optimizer-step loop, validation, logs, the outputs.
+
+stages/train.py strings them together: `resume` -> `train_steps` -> `validate` -> `finish`.
+"""
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from pipeline import checkpointing as ckpt
 from pipeline.config import config_to_dict
+from pipeline.errors import ConfigError
 from pipeline.io import atomic_path, write_json_atomic
 from pipeline.models import model_fingerprint
-from pipeline.objective import feature_distances, online_teacher_targets
-from pipeline.train_config import RESUME_FREE_FIELDS
-from pipeline.train_data import StepBatchSampler, eval_batches, make_loader, stored_targets, to_device
-from pipeline.training import Run
+from pipeline.train import checkpointing as ckpt
+from pipeline.train.config import RESUME_FREE_FIELDS
+from pipeline.train.data import StepBatchSampler, eval_batches, make_loader, to_device
+from pipeline.train.objective import feature_distances
+from pipeline.train.setup import Run
+from pipeline.train.targets import TeacherTargets, online_targets, stored_targets
 
 _KIND = "geokd.train"
+
+
+@dataclass
+class DataPosition:
+    """Where a run is: saved in every checkpoint (as a plain dict) so a resumed run reads the same samples next."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    tokens: int = 0
 
 
 class Logger:
@@ -70,12 +86,12 @@ def _all_sum(x: float, world: int, device: torch.device) -> float:
     return float(t[0])
 
 
-def _targets(run: Run, batch: dict[str, Any], layers: list[int], valid: bool = False) -> dict[str, Any] | None:
+def _targets(run: Run, batch: dict[str, Any], layers: list[int], valid: bool = False) -> TeacherTargets | None:
     obj = run.objective
     if obj.mode == "sft":
         return None
     if run.teacher is not None:
-        return online_teacher_targets(run.teacher, batch["input_ids"], batch["attention_mask"], obj, layers)
+        return online_targets(run.teacher, batch["input_ids"], batch["attention_mask"], layers, final=obj.uses_kd)
     if valid and run.valid_store is None:
         return None
     return stored_targets(batch, run.head, layers)
@@ -91,25 +107,52 @@ def _grad_norm(run: Run) -> float | None:
     return None
 
 
-def train_steps(run: Run, logger: Logger, state: dict[str, int], stop_at: int) -> None:
+def resume(run: Run) -> DataPosition:
+    """With --resume, load the newest checkpoint and return its data position; else the start of the run."""
+    cfg, dist = run.cfg, run.dist
+    state = DataPosition()
+    root = run.out / "checkpoints"
+    if cfg.resume and ckpt.latest_tag(root) is not None:
+        tag, client = ckpt.load_checkpoint(run.engine, root, dist)
+        ckpt.check_resume_config(client["config"], config_to_dict(cfg), RESUME_FREE_FIELDS, root / tag)
+        if client["world_size"] != dist.world_size and run.stage > 0:
+            raise ConfigError(f"{root / tag} was written by {client['world_size']} ranks and ZeRO-{run.stage} "
+                              f"partitions its optimizer state by rank; resume with {client['world_size']} ranks")
+        state = DataPosition(**client["data_position"])
+        if dist.is_main:
+            print(f"[train] resumed from {root / tag} at step {state.global_step} (epoch {state.epoch}, "
+                  f"step {state.step_in_epoch} of {run.steps_per_epoch})")
+    elif cfg.resume and dist.is_main:
+        print(f"[train] --resume: no checkpoint in {root}, starting from the beginning")
+    return state
+
+
+def stop_step(run: Run, state: DataPosition) -> int:
+    """The step this invocation ends at: the run's end, or --stop_after steps from here."""
+    if not run.cfg.stop_after:
+        return run.total_steps
+    return min(run.total_steps, state.global_step + run.cfg.stop_after)
+
+
+def train_steps(run: Run, logger: Logger, state: DataPosition, stop_at: int) -> None:
     """Optimizer steps until `stop_at`, with checkpoints and validation on schedule."""
     cfg, eng, obj = run.cfg, run.engine, run.objective
     layers = obj.teacher_layers
-    bar = tqdm(total=run.total_steps, initial=state["global_step"], desc=f"train[{cfg.mode}]", dynamic_ncols=True,
+    bar = tqdm(total=run.total_steps, initial=state.global_step, desc=f"train[{cfg.mode}]", dynamic_ncols=True,
                disable=not (run.dist.is_main and cfg.progress), mininterval=1.0)
     eng.train()
-    while state["global_step"] < stop_at:
-        if state["step_in_epoch"] >= run.steps_per_epoch:
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
+    while state.global_step < stop_at:
+        if state.step_in_epoch >= run.steps_per_epoch:
+            state.epoch += 1
+            state.step_in_epoch = 0
         sampler = StepBatchSampler(len(run.train_set), micro_batch_size=cfg.micro_batch_size,
                                    grad_accum=cfg.grad_accum, world_size=run.dist.world_size, rank=run.dist.rank,
-                                   seed=cfg.seed, epoch=state["epoch"], start_step=state["step_in_epoch"])
+                                   seed=cfg.seed, epoch=state.epoch, start_step=state.step_in_epoch)
         loader = make_loader(run.train_set, sampler, run.collate, num_workers=cfg.num_workers,
                              prefetch_factor=cfg.prefetch_factor, pin_memory=run.device.type == "cuda",
-                             seed=cfg.seed * 1_000_003 + state["epoch"])
+                             seed=cfg.seed * 1_000_003 + state.epoch)
         batches = iter(loader)
-        while state["global_step"] < stop_at and state["step_in_epoch"] < run.steps_per_epoch:
+        while state.global_step < stop_at and state.step_in_epoch < run.steps_per_epoch:
             t0 = time.perf_counter()
             lr = eng.get_lr()[0]
             sums: dict[str, float] = {}
@@ -128,10 +171,10 @@ def train_steps(run: Run, logger: Logger, state: dict[str, int], stop_at: int) -
                 tokens += int(batch["attention_mask"].sum())
             if grad_norm is None:
                 grad_norm = _grad_norm(run)
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
-            state["tokens"] += tokens
-            step = state["global_step"]
+            state.global_step += 1
+            state.step_in_epoch += 1
+            state.tokens += tokens
+            step = state.global_step
             values = _reduce_mean(sums, cfg.grad_accum, run.dist.world_size, run.device)
             all_tokens = _all_sum(float(tokens), run.dist.world_size, run.device)
             if step % cfg.log_every == 0 or step == stop_at:
@@ -153,10 +196,10 @@ def train_steps(run: Run, logger: Logger, state: dict[str, int], stop_at: int) -
     bar.close()
 
 
-def save(run: Run, state: dict[str, int]) -> None:
-    client = {"data_position": dict(state), "world_size": run.dist.world_size,
+def save(run: Run, state: DataPosition) -> None:
+    client = {"data_position": asdict(state), "world_size": run.dist.world_size,
               "config": config_to_dict(run.cfg)}
-    ckpt.save_checkpoint(run.engine, run.out / "checkpoints", state["global_step"], client, run.dist,
+    ckpt.save_checkpoint(run.engine, run.out / "checkpoints", state.global_step, client, run.dist,
                          run.cfg.keep_checkpoints)
 
 
@@ -180,7 +223,7 @@ def validate(run: Run) -> dict[str, float]:
                   teacher=teacher, return_hidden=True, ce_only=teacher is None)
         values = {k: float(v) for k, v in out.items() if k != "hidden"}
         if teacher is not None and pairs:
-            dists = feature_distances(out["hidden"], teacher["layers"], batch["attention_mask"], pairs)
+            dists = feature_distances(out["hidden"], teacher.layers, batch["attention_mask"], pairs)
             values.update({k: float(v) for k, v in dists.items()})
         if counts:
             for k, v in values.items():
@@ -189,55 +232,24 @@ def validate(run: Run) -> dict[str, float]:
     return _reduce_mean(sums, count, run.dist.world_size, run.device)
 
 
-def run_training(run: Run) -> dict[str, Any]:
-    """Resume if asked, train to the end (or --stop_after), validate, consolidate; return the summary."""
+def finish(run: Run, state: DataPosition, final_valid: dict[str, float], started: float) -> dict[str, Any]:
+    """Consolidate the student into OUT/model and write the run's manifest; return the summary.
+    `started`: time.perf_counter() when this invocation's training began."""
     cfg, dist = run.cfg, run.dist
-    state = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0}
-    root = run.out / "checkpoints"
-    if cfg.resume and ckpt.latest_tag(root) is not None:
-        tag, client = ckpt.load_checkpoint(run.engine, root, dist)
-        ckpt.check_resume_config(client["config"], config_to_dict(cfg), RESUME_FREE_FIELDS, root / tag)
-        if client["world_size"] != dist.world_size and run.stage > 0:
-            raise RuntimeError(f"{root / tag} was written by {client['world_size']} ranks and ZeRO-{run.stage} "
-                               f"partitions its optimizer state by rank; resume with {client['world_size']} ranks")
-        state.update(client["data_position"])
-        if dist.is_main:
-            print(f"[train] resumed from {root / tag} at step {state['global_step']} (epoch {state['epoch']}, "
-                  f"step {state['step_in_epoch']} of {run.steps_per_epoch})")
-    elif cfg.resume and dist.is_main:
-        print(f"[train] --resume: no checkpoint in {root}, starting from the beginning")
-    logger = Logger(run, state["global_step"])
-    stop_at = run.total_steps if not cfg.stop_after else min(run.total_steps, state["global_step"] + cfg.stop_after)
-    t0 = time.perf_counter()
-    try:
-        train_steps(run, logger, state, stop_at)
-        summary: dict[str, Any] = {"steps": state["global_step"], "total_steps": run.total_steps,
-                                   "finished": state["global_step"] >= run.total_steps}
-        if not summary["finished"]:
-            if dist.is_main:
-                print(f"[train] stopped at step {state['global_step']} of {run.total_steps} (--stop_after); "
-                      f"rerun with --resume to continue")
-            return summary
-        final = validate(run)
-        if final:
-            logger.log("valid", state["global_step"], final)
-        model_dir = run.out / "model"
-        ckpt.save_consolidated(run.engine, run.stage, dist, run.tokenizer, model_dir)
-        summary.update(valid=final, wall_s=time.perf_counter() - t0)
-        if dist.is_main:
-            manifest = {"kind": _KIND, "mode": cfg.mode, "inputs": run.inputs, "config": config_to_dict(cfg),
-                        "world_size": dist.world_size, "zero_stage": run.stage, "tokens": state["tokens"],
-                        "objective": {"pairs": [list(p) for p in run.objective.pairs],
-                                      "weights": list(run.objective.weights), "kd": run.objective.kd,
-                                      "loss": run.objective.loss},
-                        "final_valid": final, "model": {"dir": "model", "fingerprint": model_fingerprint(model_dir)},
-                        **summary}
-            write_json_atomic(run.out / "manifest.json", manifest)
-            print(f"[train] done: {state['global_step']} steps; model in {model_dir}"
-                  + (f"; valid loss {final['loss']:.4f}" if "loss" in final else ""))
-        return summary
-    finally:
-        logger.close()
+    model_dir = run.out / "model"
+    ckpt.save_consolidated(run.engine, run.stage, dist, run.tokenizer, model_dir)
+    summary: dict[str, Any] = {"steps": state.global_step, "total_steps": run.total_steps, "finished": True,
+                               "valid": final_valid, "wall_s": time.perf_counter() - started}
+    if dist.is_main:
+        manifest = {"kind": _KIND, "mode": cfg.mode, "inputs": run.inputs, "config": config_to_dict(cfg),
+                    "world_size": dist.world_size, "zero_stage": run.stage, "tokens": state.tokens,
+                    "objective": {"pairs": [list(p) for p in run.objective.pairs],
+                                  "weights": list(run.objective.weights), "kd": run.objective.kd,
+                                  "loss": run.objective.loss},
+                    "final_valid": final_valid, "model": {"dir": "model", "fingerprint": model_fingerprint(model_dir)},
+                    **summary}
+        write_json_atomic(run.out / "manifest.json", manifest)
+    return summary
 
 
 def read_metrics(out: str | Path, split: str = "train") -> dict[int, dict[str, float]]:

@@ -1,7 +1,7 @@
-"""Score causal LMs on instruction following with ROUGE-L (MiniLLM's protocol, DESIGN section 3).
+"""Stage `eval`: score causal LMs on instruction following with ROUGE-L (MiniLLM's protocol, DESIGN section 3).
 
 Usage:
-    ./run.sh eval --models DIR [DIR ...] [options]          (same as: python -m eval ...)
+    ./run.sh eval --models DIR [DIR ...] [options]          (same as: python -m stages.eval ...)
     ./run.sh eval --config eval.yaml [--field value ...]    YAML supplies defaults, flags override
 
 Common options:
@@ -15,13 +15,13 @@ Common options:
     --max-samples N         only the first N records of each set (0 = all)
     --seeds 10 20 30 40 50  one sampled generation pass per seed;  --greedy  one greedy pass instead
     --out DIR               outputs (default runs/eval); a rerun skips the passes already written there
-    --batch-size 8  --dtype auto|float32|bfloat16|float16  --tokenizer DIR (when a model dir has none)
+    --batch-size 8  --dtype auto|fp32|bf16|fp16  --tokenizer DIR (when a model dir has none)
     --max-prompt-length 256 --max-length 512 --max-new-tokens 0 (0 = max_length - max_prompt_length)
     --prompt-truncation left|right   left keeps the prompt's end ("### Response:"), right is MiniLLM's cut
 
-Several ranks: torchrun --nproc_per_node K -m eval --models DIR ...  (each rank generates a slice; rank 0
+Several ranks: torchrun --nproc_per_node K -m stages.eval --models DIR ...  (each rank generates a slice; rank 0
 gathers in order, scores and writes). Outputs in --out: scores.json, scores.md, scores.png (bar chart),
-tensorboard/<model>/, generations/<model>/<set>/seed<N>.jsonl.
+tensorboard/<model>/, generations/<model>/<set>/seed<N>.jsonl. Options: eval/config.py; the work: eval/runner.py.
 
 From Python: `from eval import EvalConfig, evaluate; evaluate(EvalConfig(models=[...], max_samples=20))`.
 """
@@ -31,21 +31,27 @@ import sys
 import time
 
 from eval.config import EvalConfig
+from eval.report import markdown_table
 from eval.runner import evaluate
 from pipeline.config import parse_config
+from pipeline.errors import run_stage
 from pipeline.runtime import dist_info
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_config(EvalConfig, argv)
+def run(config: EvalConfig) -> None:
     start = time.time()
     scores = evaluate(config)
     if dist_info().is_main:
-        from eval.report import markdown_table
-
         print(markdown_table({m: scores["results"][m] for m in scores["results"]}), end="")
         print(f"[eval] wrote {config.out}/scores.json, scores.md in {time.time() - start:.1f}s")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    def body() -> int:
+        run(parse_config(EvalConfig, argv))
+        return 0
+
+    return run_stage("eval", body)
 
 
 if __name__ == "__main__":

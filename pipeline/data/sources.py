@@ -21,15 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.builtin_data import BUILTIN_VERSION, builtin_split, parse_builtin_spec
-from pipeline.io import sha256_file, sha256_json
-from pipeline.prompts import render_prompt
+from pipeline.data.builtin import BUILTIN_VERSION, builtin_split, parse_builtin_spec
+from pipeline.data.prompts import render_prompt
+from pipeline.errors import DataError
+from pipeline.io import read_jsonl, sha256_file, sha256_json
 
 OUR_FIELDS = ("instruction", "input", "output", "prompt")
-
-
-class DataError(ValueError):
-    """Input data the pipeline cannot use; the message names the file, line and field."""
 
 
 @dataclass
@@ -55,44 +52,39 @@ class Source:
                 "records": self.records, "examples": len(self.examples)}
 
 
-def parse_field_map(items: Sequence[str]) -> dict[str, str]:
-    """['instruction=question', 'output=answer'] -> {'instruction': 'question', 'output': 'answer'}."""
+def parse_field_map(items: Sequence[str], option: str = "--fields",
+                    required: Sequence[str] = ("instruction", "output")) -> dict[str, str]:
+    """['instruction=question', 'output=answer'] -> {'instruction': 'question', 'output': 'answer'}: our field
+    names (OUR_FIELDS) mapped to the names a file uses. Prepare and eval read field maps alike."""
     out = {}
     for item in items:
         ours, sep, theirs = item.partition("=")
         if not sep or not theirs or ours not in OUR_FIELDS:
-            raise DataError(f"--fields {item!r}: write OURS=THEIRS with OURS one of {', '.join(OUR_FIELDS)}")
+            raise DataError(f"{option} {item!r}: write OURS=THEIRS with OURS one of {', '.join(OUR_FIELDS)}")
         out[ours] = theirs
-    if out and not {"instruction", "output"} <= out.keys():
-        raise DataError("--fields must map at least instruction=... and output=...")
+    if out and not set(required) <= out.keys():
+        raise DataError(f"{option} must map at least " + " and ".join(f"{r}=..." for r in required))
     return out
 
 
 def _scan_jsonl(path: Path, raw: bytes) -> list[tuple[int, set[str]]]:
     """(line number, keys) of every record; raises DataError naming the line of the first bad one."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
-    rows = []
-    if path.suffix == ".json" and text.lstrip().startswith("["):
+    if path.suffix == ".json" and raw.lstrip().startswith(b"["):
         try:
-            items = json.loads(text)
+            items = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON: {e.msg}") from None
+            raise DataError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        rows = []
         for i, obj in enumerate(items):
             if not isinstance(obj, dict):
                 raise DataError(f"{path}: item {i}: expected a JSON object, got {type(obj).__name__}")
             rows.append((i, set(obj)))
         return rows
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: malformed JSON: {e.msg} (column {e.colno})") from None
+    rows = []
+    for number, obj in read_jsonl(path, raw):
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{number}: expected one JSON object per line, got {type(obj).__name__}")
         rows.append((number, set(obj)))

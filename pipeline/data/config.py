@@ -1,0 +1,45 @@
+"""The `prepare` stage's configuration (`./run.sh prepare ...`) and its checks."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.errors import ConfigError
+
+# Config fields that name where things are rather than what is produced: not part of the fingerprint.
+LOCATION_FIELDS = ("data", "out", "tokenizer")
+
+
+@dataclass
+class PrepareConfig:
+    data: list[str] = field(metadata={"help": "JSONL/JSON files, 'builtin[:train|test]', or a hub dataset name"})
+    out: str = field(metadata={"help": "output folder (created; never overwritten)"})
+    tokenizer: str = field(default="builtin-gpt2",
+                           metadata={"help": "tokenizer or model dir, 'builtin-gpt2' or 'builtin-tiny'"})
+    fields: list[str] = field(default_factory=list,
+                              metadata={"help": "field map OURS=THEIRS for other formats, e.g. output=answer"})
+    hub_split: str = field(default="train", metadata={"help": "split to load for a hub dataset name"})
+    max_prompt_len: int = field(default=256, metadata={"help": "prompt tokens at most (with the BOS token)"})
+    max_len: int = field(default=512, metadata={"help": "prompt + response tokens at most"})
+    prompt_overflow: Literal["truncate", "drop"] = field(
+        default="truncate", metadata={"help": "a longer prompt keeps its head and '### Response:' line, or is dropped"})
+    valid_fraction: float = field(default=0.0, metadata={"help": "fraction of samples split off as 'valid'"})
+    valid_size: int = field(default=0, metadata={"help": "number of samples split off as 'valid'"})
+    seed: int = field(default=42, metadata={"help": "seed of the validation split"})
+    limit: int = field(default=0, metadata={"help": "use only the first N examples (0 = all)"})
+    shard_size: int = field(default=20000, metadata={"help": "samples per shard"})
+    split: str = field(default="train", metadata={"help": "name of the main split (e.g. 'test' for an eval set)"})
+
+
+def check_config(config: PrepareConfig) -> None:
+    """Checked before the output folder is touched, so a typo never leaves a half-made folder behind."""
+    if config.shard_size < 1 or config.limit < 0:
+        raise ConfigError("shard_size must be >= 1 and limit >= 0")
+    if not config.split or "/" in config.split or config.split.startswith("."):
+        raise ConfigError(f"split {config.split!r}: give a plain folder name")
+    if config.valid_fraction and config.valid_size:
+        raise ConfigError("give --valid_fraction or --valid_size, not both")
+    if not 0.0 <= config.valid_fraction < 1.0 or config.valid_size < 0:
+        raise ConfigError("--valid_fraction must be in [0, 1) and --valid_size >= 0")
+    if not 0 < config.max_prompt_len < config.max_len:
+        raise ConfigError(f"need 0 < --max_prompt_len ({config.max_prompt_len}) < --max_len ({config.max_len})")

@@ -1,0 +1,55 @@
+"""geokd's errors, and how a stage reports them.
+
+Everything a user can get wrong (an option, a config file, input data, a feature store, a folder) raises a
+`GeokdError` whose message names the option, file, line or field. A stage turns it into one line on stderr and
+exit status 2 (`run_stage`); any other exception is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+EXIT_USER_ERROR = 2
+
+
+class GeokdError(Exception):
+    """A mistake in what the user gave; the message says which option, file or field, and what to do."""
+
+
+class ConfigError(GeokdError, ValueError):
+    """A config file or option the stage cannot use."""
+
+
+class DataError(GeokdError, ValueError):
+    """Input data (records, prepared shards, benchmark sets) the pipeline cannot use."""
+
+
+class StoreError(GeokdError, RuntimeError):
+    """A feature store that cannot be used as asked; the message names the folder or shard and what is wrong."""
+
+
+# OS errors about a path the user named (a missing input, an output that exists, an unwritable folder) are
+# mistakes too, not bugs: their message already carries the path.
+_USER_OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def os_error_message(error: OSError) -> str:
+    """`PATH: reason` for an OS error raised by the system; our own OS errors already say it in words."""
+    if error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
+
+
+def run_stage(name: str, body: Callable[[], int | None]) -> int:
+    """Run a stage's recipe; a user's mistake becomes `[name] error: ...` on stderr and exit status 2."""
+    try:
+        return int(body() or 0)
+    except GeokdError as e:
+        message = str(e)
+    except _USER_OS_ERRORS as e:
+        message = os_error_message(e)
+    except KeyboardInterrupt:
+        print(f"[{name}] interrupted", file=sys.stderr)
+        return 130
+    print(f"[{name}] error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR

@@ -1,0 +1,55 @@
+"""The `cache` stage's configuration (`./run.sh cache ...`) and its checks."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.errors import ConfigError
+from pipeline.runtime import dtype_name
+
+
+@dataclass
+class CacheConfig:
+    data: str = field(default="", metadata={"help": "prepared data folder (./run.sh prepare)"})
+    teacher: str = field(default="", metadata={"help": "teacher model directory or preset:NAME"})
+    out: str = field(default="", metadata={"help": "output folder of the feature store"})
+    split: str = field(default="train", metadata={"help": "which prepared split to cache"})
+    layers: list[int] = field(default_factory=list, metadata={"help": "hidden-state indices (0 = embeddings)"})
+    final: bool = field(default=False, metadata={"help": "also store the LM head's input (exact logits via the "
+                                                          "LM-head weight saved beside the store)"})
+    topk_logits: int = field(default=0, metadata={"help": "also store the top-k teacher log-probabilities"})
+    dtype: str = field(default="bf16", metadata={"help": "stored dtype: bf16, fp16 or fp32 (or bfloat16, ...)"})
+    teacher_dtype: str = field(default="auto", metadata={"help": "compute dtype; auto = bf16 on GPU, fp32 on CPU"})
+    lowrank_k: int = field(default=0, metadata={"help": "store k PCA coefficients per token for each layer"})
+    lowrank_energy: float = field(default=0.0, metadata={"help": "or the least k keeping this variance fraction"})
+    lowrank_fit_tokens: int = field(default=200_000, metadata={"help": "tokens sampled to fit the PCA bases"})
+    seed: int = field(default=0, metadata={"help": "seed of preset teacher weights and of the PCA sample"})
+    shard_tokens: int = field(default=65_536, metadata={"help": "tokens per shard (unit of work and of resume)"})
+    batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per teacher batch"})
+    max_batch_size: int = field(default=64, metadata={"help": "samples per teacher batch at most"})
+    writer_threads: int = field(default=0, metadata={"help": "threads writing and hashing shards; 0 = by core count"})
+    verify: bool = field(default=False, metadata={"help": "only verify the store in --out"})
+    finalize: bool = field(default=False, metadata={"help": "only write the manifest of --out"})
+    progress: bool = field(default=True, metadata={"help": "progress bar on rank 0"})
+
+
+def check_config(cfg: CacheConfig) -> None:
+    if not cfg.out:
+        raise ConfigError("--out is required")
+    if cfg.verify or cfg.finalize:
+        return
+    for name in ("data", "teacher"):
+        if not getattr(cfg, name):
+            raise ConfigError(f"--{name} is required")
+    # Manifests keep one spelling per dtype, whichever the user typed.
+    cfg.dtype = dtype_name(cfg.dtype, "dtype")
+    cfg.teacher_dtype = dtype_name(cfg.teacher_dtype, "teacher_dtype", allow_auto=True)
+    if not cfg.layers and not cfg.final and not cfg.topk_logits:
+        raise ConfigError("nothing to cache: give --layers, --final and/or --topk_logits")
+    if len(set(cfg.layers)) != len(cfg.layers) or any(x < 0 for x in cfg.layers):
+        raise ConfigError(f"--layers {cfg.layers}: distinct hidden-state indices >= 0 expected")
+    if cfg.lowrank_k and cfg.lowrank_energy:
+        raise ConfigError("give --lowrank_k or --lowrank_energy, not both")
+    if not 0.0 <= cfg.lowrank_energy <= 1.0 or cfg.lowrank_k < 0:
+        raise ConfigError("--lowrank_energy must be in (0, 1] and --lowrank_k >= 0")
+    if (cfg.lowrank_k or cfg.lowrank_energy) and not cfg.layers:
+        raise ConfigError("low-rank storage applies to --layers (the final state stays full for exact logits)")

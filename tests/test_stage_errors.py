@@ -1,0 +1,38 @@
+"""Every stage turns a user's mistake into one line on stderr and exit status 2, never a traceback.
+
+Each stage runs as its own process, exactly as `./run.sh <stage>` runs it, so what is checked is what a user sees.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MISSING = "/nonexistent/geokd-input"
+
+CASES = {
+    "prepare": ["--data", f"{MISSING}.jsonl", "--out", "{tmp}/prep", "--tokenizer", "builtin-tiny"],
+    "cache": ["--data", MISSING, "--teacher", "preset:tiny-teacher", "--out", "{tmp}/store", "--layers", "1"],
+    "train": ["--data", MISSING, "--student", "preset:tiny-student", "--out", "{tmp}/run"],
+    "eval": ["--models", MISSING, "--out", "{tmp}/eval"],
+    "demo": ["--student", MISSING, "--out", "{tmp}/demo"],
+    "synthetic": ["--losses", "procrustes", "no_such_loss", "--out", "{tmp}/syn"],
+}
+
+
+@pytest.mark.parametrize("stage", sorted(CASES))
+def test_a_missing_input_is_one_line_and_exit_2(stage, tmp_path):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in CASES[stage]]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"[{stage}] error:")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert (MISSING in lines[0]) or ("no_such_loss" in lines[0] and "procrustes" in lines[0]), lines[0]
+    assert not list(tmp_path.iterdir()), "a refused run left files behind"
