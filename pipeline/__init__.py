@@ -1,1 +1,2 @@
-"""geokd's shared library: configs, data, models, geometry losses, feature store, training loop."""
+"""geokd's shared library. Layers, lowest first (tests/test_layering.py holds them):
+the core modules here (errors, config, io, runtime, models, geometry), then data/, features/, train/."""

@@ -9,11 +9,11 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import yaml
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, run_stage
 
 T = TypeVar("T")
 
@@ -77,3 +77,13 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def save_config(config: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def stage_main(name: str, cls: type[T], recipe: Callable[[T], Any], argv: Sequence[str] | None = None) -> int:
+    """A stage's `main`: its config parsed from the command line (and --config YAML), then its recipe. A user's
+    mistake becomes one line on stderr and exit 2; an int the recipe returns is the exit status, anything else 0."""
+    def body() -> int:
+        result = recipe(parse_config(cls, argv))
+        return result if isinstance(result, int) else 0
+
+    return run_stage(name, body)

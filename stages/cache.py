@@ -18,10 +18,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.config import config_to_dict, parse_config
+from pipeline.config import config_to_dict, stage_main
 from pipeline.data.prepared import PreparedData
 from pipeline.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-from pipeline.errors import StoreError, run_stage
+from pipeline.errors import StoreError
 from pipeline.features import cache, plan as store_plan
 from pipeline.features.config import CacheConfig, check_config
 from pipeline.features.format import DTYPES, LOWRANK_FILE, MANIFEST, PLAN, verify_files
@@ -151,17 +151,17 @@ def finalize(out: Path) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    def body() -> int:
-        cfg = parse_config(CacheConfig, argv)
-        check_config(cfg)
-        if cfg.verify:
-            return verify(Path(cfg.out))
-        if cfg.finalize:
-            return finalize(Path(cfg.out))
-        return run(cfg)
+def dispatch(cfg: CacheConfig) -> int:
+    check_config(cfg)
+    if cfg.verify:
+        return verify(Path(cfg.out))
+    if cfg.finalize:
+        return finalize(Path(cfg.out))
+    return run(cfg)
 
-    return run_stage("cache", body)
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("cache", CacheConfig, dispatch, argv)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import parse_config, save_config
-from pipeline.errors import ConfigError, GeokdError, run_stage
+from pipeline.config import save_config, stage_main
+from pipeline.errors import ConfigError, GeokdError
 from pipeline.geometry import FEATURE_LOSSES
 
 # A method is `sft`, `kd`, or `kd_<feature loss>` (KD plus a loss of pipeline.geometry's registry); all students
@@ -222,11 +222,7 @@ def run(cfg: DemoConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body() -> int:
-        run(parse_config(DemoConfig, argv))
-        return 0
-
-    return run_stage("demo", body)
+    return stage_main("demo", DemoConfig, run, argv)
 
 
 if __name__ == "__main__":

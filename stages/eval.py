@@ -33,8 +33,7 @@ import time
 from eval.config import EvalConfig
 from eval.report import markdown_table
 from eval.runner import evaluate
-from pipeline.config import parse_config
-from pipeline.errors import run_stage
+from pipeline.config import stage_main
 from pipeline.runtime import dist_info
 
 
@@ -47,11 +46,7 @@ def run(config: EvalConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body() -> int:
-        run(parse_config(EvalConfig, argv))
-        return 0
-
-    return run_stage("eval", body)
+    return stage_main("eval", EvalConfig, run, argv)
 
 
 if __name__ == "__main__":

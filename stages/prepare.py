@@ -22,14 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import config_to_dict, parse_config
+from pipeline.config import config_to_dict, stage_main
 from pipeline.data.config import LOCATION_FIELDS, PrepareConfig, check_config
 from pipeline.data.prepared import (
     MANIFEST_KIND, claim_output_dir, finish_output_dir, length_stats, split_samples, tokenize_examples, write_split,
 )
 from pipeline.data.sources import parse_field_map, read_source
 from pipeline.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-from pipeline.errors import DataError, run_stage
+from pipeline.errors import DataError
 from pipeline.io import sha256_json
 
 
@@ -98,11 +98,7 @@ def print_summary(out: Path, m: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body() -> int:
-        run(parse_config(PrepareConfig, argv))
-        return 0
-
-    return run_stage("prepare", body)
+    return stage_main("prepare", PrepareConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import parse_config, save_config
-from pipeline.errors import run_stage
+from pipeline.config import save_config, stage_main
 from pipeline.geometry import (
     FEATURE_LOSSES,
     cka_distance,
@@ -190,11 +189,7 @@ def run(cfg: SyntheticConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def body() -> int:
-        run(parse_config(SyntheticConfig, argv))
-        return 0
-
-    return run_stage("synthetic", body)
+    return stage_main("synthetic", SyntheticConfig, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Instruction data: input formats, the built-in set, tokenizers, the prompt template, prepared token shards."""

@@ -1,6 +1,6 @@
 """The feature store's on-disk format: names, shard writing and reading, checksums, side files, verification.
 
-Layout of a store folder (written by `stages/cache_teacher.py`, see pipeline/feature_cache.py):
+Layout of a store folder (written by `./run.sh cache`: stages/cache.py, pipeline/features/cache.py):
 
     manifest.json                 kind "geokd.features"; written last, so its presence means the store is complete
     plan.json                     what is being cached and the unit split (written first; resume checks it)

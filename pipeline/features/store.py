@@ -119,6 +119,24 @@ class FeatureStore:
     def sample_ids(self) -> np.ndarray:
         return self._ids
 
+    @property
+    def split(self) -> str:
+        """The prepared split the store was cached from."""
+        return self.manifest["data"]["split"]
+
+    @property
+    def teacher_fingerprint(self) -> str:
+        return self.manifest["teacher"]["fingerprint"]
+
+    @property
+    def teacher_depth(self) -> int:
+        """The teacher's number of decoder layers (hidden states 0..depth exist)."""
+        return int(self.manifest["teacher"]["n_layers"])
+
+    @property
+    def has_topk(self) -> bool:
+        return bool(self.manifest.get("topk_logits"))
+
     def __len__(self) -> int:
         return len(self._ids)
 

@@ -4,7 +4,7 @@ The shipped JSONs say what differs between setups (ZeRO stage, offload, precisio
 training config owns as "auto": batch sizes, clipping, optimizer hyper-parameters, precision when not pinned,
 bucket sizes that scale with the model width. A user's own JSON may set those explicitly; an explicit value
 that contradicts the training config is an error naming the file and the key, never a silent winner.
-The learning-rate schedule is the training config's (warmup + cosine, built in pipeline/training.py); a JSON
+The learning-rate schedule is the training config's (warmup + cosine, built in pipeline/train/setup.py); a JSON
 "scheduler" block is refused rather than half-honoured.
 """
 from __future__ import annotations

@@ -2,12 +2,13 @@
 
     L = (1 - a) CE + a KD + b * sum_l w_l D(l)          (SFT: L = CE)
 
-`StudentWithHeads` holds the student and, for the projection-MSE baseline, one `ProjectionMSE` per layer pair, so
-the engine shards, clips and optimizes the projections with the student under any ZeRO stage. Its forward returns
-every loss term, so the training loop logs what it optimizes.
+`StudentWithHeads` holds the student and, for a learned feature loss (the projection-MSE baseline), its parameters
+per layer pair, so the engine shards, clips and optimizes them with the student under any ZeRO stage. Its forward
+returns every loss term, so the training loop logs what it optimizes.
 
-Teacher targets arrive as one `TeacherTargets` whatever their origin (pipeline/train/targets.py). Token sets: CE and KD use the response tokens that predict a label (labels != -100, shifted as in causal LM
-training); the feature distances use every non-pad token (prompt and response) of the micro-batch, as rows.
+Teacher targets arrive as one `TeacherTargets` whatever their origin (pipeline/train/targets.py). Token sets: CE
+and KD use the response tokens that predict a label (labels != -100, shifted as in causal LM training); the
+feature distances use every non-pad token (prompt and response) of the micro-batch, as rows.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
+from pipeline.features.store import FeatureStore
 from pipeline.geometry import (
     FeatureLoss, cka_distance, feature_gram_distance, feature_loss, logit_kd, procrustes_distance,
 )
@@ -82,7 +84,7 @@ def mapped_teacher_layers(pairs: Sequence[tuple[int, int]]) -> list[int]:
     return sorted({t for _, t in pairs})
 
 
-def build_objective(cfg: TrainConfig, n_student: int, n_teacher: int, store: Any | None) -> Objective:
+def build_objective(cfg: TrainConfig, n_student: int, n_teacher: int, store: FeatureStore | None) -> Objective:
     """The objective of a run's options; `store` (a FeatureStore, or None for an online teacher) decides `kd auto`."""
     if cfg.mode == "sft":
         return Objective("sft", 0.0, 0.0, "none", (), (), "none", cfg.kd_temperature)
@@ -97,7 +99,7 @@ def build_objective(cfg: TrainConfig, n_student: int, n_teacher: int, store: Any
     elif kd == "auto":
         if store is None or FINAL in store.layers:
             kd = "final"
-        elif store.manifest.get("topk_logits"):
+        elif store.has_topk:
             kd = "topk"
         else:
             raise ConfigError(f"--alpha {cfg.alpha} needs teacher logits, but {cfg.features} stores neither 'final' "

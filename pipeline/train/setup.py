@@ -116,13 +116,13 @@ def plan_run(cfg: TrainConfig) -> Plan:
     teacher_dims: dict[int, int] = {}
     if tmode == "stored":
         store = FeatureStore(cfg.features)
-        if store.manifest["data"]["split"] != cfg.train_split:
-            raise ConfigError(f"--features {cfg.features} caches split {store.manifest['data']['split']!r}, "
+        if store.split != cfg.train_split:
+            raise ConfigError(f"--features {cfg.features} caches split {store.split!r}, "
                               f"training reads {cfg.train_split!r}")
-        n_teacher = int(store.manifest["teacher"]["n_layers"])
+        n_teacher = store.teacher_depth
         teacher_dims = {t: store.feature_dim(t) for t in store.layers if t != FINAL}
         inputs["features"] = {"path": str(Path(cfg.features).resolve()),
-                              "teacher_fingerprint": store.manifest["teacher"]["fingerprint"]}
+                              "teacher_fingerprint": store.teacher_fingerprint}
     elif tmode == "online":
         d_teacher, n_teacher = model_shape(cfg.teacher, "teacher")
         teacher_dims = {t: d_teacher for t in range(n_teacher + 1)}
@@ -139,12 +139,12 @@ def plan_run(cfg: TrainConfig) -> Plan:
                                teacher_fingerprint=model_fingerprint(teacher_dir) if teacher_dir else None)
         if cfg.valid_features and valid_tokens is not None:
             valid_store = FeatureStore(cfg.valid_features)
-            if valid_store.manifest["data"]["split"] != cfg.valid_split:
+            if valid_store.split != cfg.valid_split:
                 raise ConfigError(f"--valid_features {cfg.valid_features} caches split "
-                                  f"{valid_store.manifest['data']['split']!r}, validation reads {cfg.valid_split!r}")
+                                  f"{valid_store.split!r}, validation reads {cfg.valid_split!r}")
             valid_store.check_compatible(data_fingerprint=data.fingerprint,
                                          tokenizer_fingerprint=data.tokenizer_fingerprint,
-                                         teacher_fingerprint=store.manifest["teacher"]["fingerprint"],
+                                         teacher_fingerprint=store.teacher_fingerprint,
                                          layers=objective.valid_layers)
 
     ds_cfg = resolve_ds_config(load_ds_config(cfg.ds_config), EngineSettings(
