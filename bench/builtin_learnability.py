@@ -11,16 +11,15 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from rouge_score import rouge_scorer
 
+from pipeline.data.config import PrepareConfig
 from pipeline.data.prepared import PreparedData, collate_batch
 from pipeline.models import load_model
-from pipeline.data.config import PrepareConfig  # noqa: E402
-from stages.prepare import run  # noqa: E402
+from stages.prepare import run
 
 
 @torch.no_grad()

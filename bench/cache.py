@@ -104,18 +104,18 @@ def main() -> None:
     batches = [collate_batch([ds[i] for i in b], tok.pad_token_id) for a, c in units
                for b in store_plan.length_batches(ds.lengths, range(a, c), args.batch_tokens, 64)]
     forward_only(teacher, batches[:1], args.layers)  # warm-up
-    fwd, cache = [], []
+    fwd, cached = [], []
     for _ in range(args.reps):
         fwd.append(forward_only(teacher, batches, args.layers))
-        cache.append(make_store(work / "full", teacher, ds, units, args, tok)[0])
+        cached.append(make_store(work / "full", teacher, ds, units, args, tok)[0])
     # On a shared machine other jobs only ever add time, so the best rep is the cleanest estimate.
     print(f"| path | best of {args.reps} (s) | median (s) | tok/s (best) |\n|---|---|---|---|")
     print(f"| teacher forward only | {min(fwd):.2f} | {statistics.median(fwd):.2f} | {n_tokens / min(fwd):,.0f} |")
-    print(f"| cache (forward + extract + write + checksums) | {min(cache):.2f} | {statistics.median(cache):.2f} | "
-          f"{n_tokens / min(cache):,.0f} |")
-    print(f"\ncache / forward-only throughput: **{min(fwd) / min(cache):.3f}** from the best reps, "
-          f"{statistics.median(fwd) / statistics.median(cache):.3f} from the medians (all reps: fwd "
-          f"{[round(x, 2) for x in fwd]}, cache {[round(x, 2) for x in cache]})\n")
+    print(f"| cache (forward + extract + write + checksums) | {min(cached):.2f} | {statistics.median(cached):.2f} | "
+          f"{n_tokens / min(cached):,.0f} |")
+    print(f"\ncache / forward-only throughput: **{min(fwd) / min(cached):.3f}** from the best reps, "
+          f"{statistics.median(fwd) / statistics.median(cached):.3f} from the medians (all reps: fwd "
+          f"{[round(x, 2) for x in fwd]}, cache {[round(x, 2) for x in cached]})\n")
 
     # The cache's own work timed apart from the forward: short, repeatable, so the best rep is robust to other jobs.
     masks = [b["attention_mask"] for b in batches]

@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16])
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--data-dir", default=default_data_dir())
+    ap.add_argument("--builtin", action="store_true",
+                    help="prompts from the built-in test set, and no scoring section (needs no ../shared/data)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,14 +65,23 @@ def main() -> None:
         model, tok = small_opt()
         name = "random OPT h256 L4 (GPT-2 vocab)"
     n_params = sum(p.numel() for p in model.parameters())
-    bench = load_benchmark("dolly", args.data_dir, max_samples=args.samples)
-    encoded = encode_prompts(tok, [(s.index, s.prompt) for s in bench.samples], 256)
+    if args.builtin:
+        from eval.benchmarks import Sample
+        from pipeline.data.builtin import builtin_split
+        from pipeline.data.prompts import render_prompt
+
+        records = builtin_split("test")[: args.samples]
+        samples = [Sample(i, render_prompt(r["instruction"], r.get("input", "")), (r["output"],))
+                   for i, r in enumerate(records)]
+    else:
+        samples = list(load_benchmark("dolly", args.data_dir, max_samples=args.samples).samples)
+    encoded = encode_prompts(tok, [(s.index, s.prompt) for s in samples], 256)
     settings = GenerationSettings(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
     prompt_tokens = sum(len(e.ids) for e in encoded)
 
     print(f"# eval_speed: {name}, {n_params / 1e6:.1f}M params, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
-    print(f"# {len(encoded)} Dolly prompts ({prompt_tokens / len(encoded):.0f} tokens on average), "
+    print(f"# {len(encoded)} {'built-in' if args.builtin else 'Dolly'} prompts ({prompt_tokens / len(encoded):.0f} tokens on average), "
           f"{args.new_tokens} new tokens each (EOS suppressed until then)\n")
     print("| mode | batch size | wall s | new tokens/s | vs batch 1 |")
     print("| --- | --- | --- | --- | --- |")
@@ -85,6 +96,8 @@ def main() -> None:
             base = base or tps
             print(f"| {mode} | {bs} | {wall:.1f} | {tps:.0f} | x{tps / base:.1f} |", flush=True)
 
+    if args.builtin:
+        return
     # Scoring: real references against realistic text (the next sample's reference as the "generation").
     print("\n| scoring set | samples | references per sample | samples/s |")
     print("| --- | --- | --- | --- |")

@@ -1,4 +1,5 @@
-"""Forward+backward time of each feature loss at n tokens, beside Procrustes through plain svdvals.
+"""Forward+backward time of each feature loss at n tokens, beside Procrustes through plain svdvals and the
+fp32-product versions that geometry.py used before its float64 math.
 
     .venv/bin/python bench/losses.py [--n 4096] [--shapes 768x2048 2048x5120] [--reps 3] [--device cpu|cuda]
 
@@ -22,6 +23,7 @@ from pipeline.geometry import (  # noqa: E402
     cka_distance,
     feature_gram_distance,
     normalize_features,
+    nuclear_norm,
     procrustes_distance,
 )
 
@@ -30,6 +32,24 @@ def procrustes_svdvals(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     """The slow reference: autograd straight through torch.linalg.svdvals."""
     rs, rt = normalize_features(student), normalize_features(teacher.detach())
     return 2.0 - 2.0 * torch.linalg.svdvals(rs.T @ rt).sum()
+
+
+def _normalize_fp32(x: torch.Tensor) -> torch.Tensor:
+    r = x.float() - x.float().mean(0, keepdim=True)
+    return r / torch.linalg.matrix_norm(r)
+
+
+def fg_fp32(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """FG with fp32 products, as geometry.py computed it before its float64 math (inexact at this n): the cost
+    that float64 adds."""
+    rs, rt = _normalize_fp32(student), _normalize_fp32(teacher.detach())
+    return (rt.T @ rt).square().sum() + (rs.T @ rs).square().sum() - 2 * (rs.T @ rt).square().sum()
+
+
+def procrustes_fp32_products(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Procrustes with fp32 normalization and R_s^T R_t (the nuclear norm still float64 eigh), as before."""
+    rs, rt = _normalize_fp32(student), _normalize_fp32(teacher.detach())
+    return 2.0 - 2.0 * nuclear_norm(rs.T @ rt, "eigh")
 
 
 def sync(device: torch.device) -> None:
@@ -72,10 +92,12 @@ def main() -> None:
         proj = ProjectionMSE(ds, dt).to(device)
         losses = {
             "FG": feature_gram_distance,
+            "FG (fp32 products, previous)": fg_fp32,
             "CKA": cka_distance,
             "projection MSE": proj,
             "Procrustes (eigh, fp64)": lambda s, t: procrustes_distance(s, t, method="eigh"),
-            "Procrustes (Newton-Schulz)": lambda s, t: procrustes_distance(s, t, method="newton_schulz"),
+            "Procrustes (eigh, fp32 products, previous)": procrustes_fp32_products,
+            "Procrustes (Newton-Schulz to convergence)": lambda s, t: procrustes_distance(s, t, method="newton_schulz"),
             "Procrustes (svdvals)": procrustes_svdvals,
         }
         results = {name: time_fwd_bwd(fn, student, teacher, args.reps) for name, fn in losses.items()}

@@ -60,7 +60,7 @@ class DemoConfig:
     teacher_lr: float = 1e-3
     student_lr: float = 1e-3
     beta: float = field(default=1.0, metadata={"help": "feature-loss weight b"})
-    ds_config: str = "ds_configs/zero2.json"
+    ds_config: str = "ds_configs/auto.json"
     nproc: int = field(default=1, metadata={"help": "ranks per training run (torchrun on this machine)"})
     eval_samples: int = field(default=100, metadata={"help": "test prompts scored (0: all 300)"})
     seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])

@@ -34,13 +34,32 @@ def test_every_shipped_ds_config_resolves_without_auto_left(path):
     # Offloaded optimizer states need DeepSpeed's CPU Adam; everything else uses torch's AdamW (no JIT build).
     offload = "offload_optimizer" in cfg["zero_optimization"]
     assert cfg["optimizer"]["params"]["torch_adam"] is (not offload)
-    expected_stage = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "cpu": 2}
+    expected_stage = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "cpu": 2, "auto": 2}  # SETTINGS: 4 ranks
     stem = path.stem.split("_")[0]
     assert zero_stage(cfg) == expected_stage[stem]
     if path.stem.endswith(("_bf16", "_fp16", "_fp32")):
         assert precision_of(cfg) == path.stem.rsplit("_", 1)[1]
     elif path.stem != "cpu" and not torch.cuda.is_available():
         assert precision_of(cfg) == "fp32"  # "auto" on a CPU
+
+
+def test_auto_zero_stage_follows_the_run_and_says_why():
+    raw = load_ds_config(ROOT / "ds_configs/auto.json")
+    one = EngineSettings(**{**SETTINGS.__dict__, "world_size": 1, "n_params": 10**8})
+    notes: list[str] = []
+    cfg = resolve_ds_config(raw, one, notes=notes)
+    assert zero_stage(cfg) == 0 and notes == ["ZeRO stage auto -> 0: one rank: ZeRO partitions across ranks, so it "
+                                              "would only add bookkeeping"]
+    many = EngineSettings(**{**SETTINGS.__dict__, "world_size": 8, "n_params": 10**9, "device_bytes": 80 * 2**30})
+    assert zero_stage(resolve_ds_config(raw, many)) == 2  # 4 + 12/8 bytes a parameter: 5.1 GB of 80
+    huge = EngineSettings(**{**many.__dict__, "n_params": 13 * 10**9})
+    notes = []
+    assert zero_stage(resolve_ds_config(raw, huge, notes=notes)) == 3  # 71 GB would not fit 60% of 80
+    assert "parameters partitioned too" in notes[0]
+    # torch's AdamW runs fused (one kernel for every tensor) wherever torch has it; explicit false is kept.
+    assert cfg["optimizer"]["params"]["fused"] is True
+    raw["optimizer"]["params"]["fused"] = False
+    assert resolve_ds_config(raw, one)["optimizer"]["params"]["fused"] is False
 
 
 def test_ds_config_explicit_value_that_contradicts_training_config_names_the_key(tmp_path):
@@ -230,3 +249,48 @@ def test_a_previous_run_is_never_overwritten(tmp_path):
     (out / "model" / "config.json").write_text("{}")
     with pytest.raises(FileExistsError, match="finished"):
         check_output_folder(out, resume=True)
+
+
+def test_activation_checkpointing_auto_turns_on_only_when_activations_do_not_fit():
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.models import count_parameters
+    from pipeline.train.setup import activation_checkpointing_choice
+
+    tok = load_tokenizer("builtin-tiny")
+    cfg = TrainConfig(data="d", student="preset:opt-125m", out="o", micro_batch_size=8)
+    check_config(cfg)
+    n = count_parameters(cfg.student, tok)
+    assert 80e6 < n < 130e6  # OPT-125M's shape with a small vocabulary
+    choose = lambda device_bytes, c=cfg: activation_checkpointing_choice(  # noqa: E731
+        c, tok, n, 0, 1, 512, device_bytes, torch.bfloat16)
+    assert choose(None)[0] is False and "no accelerator" in choose(None)[1]
+    on_h100, why = choose(80 * 2**30)
+    assert on_h100 is False and "fit" in why
+    on_small, why = choose(4 * 2**30)  # 8 x 512 tokens of 12 layers: ~4 GiB of activations
+    assert on_small is True and "exceed" in why
+    forced = TrainConfig(data="d", student="preset:opt-125m", out="o", activation_checkpointing="on")
+    check_config(forced)
+    assert forced.activation_checkpointing == "true" and choose(None, forced)[0] is True
+    with pytest.raises(ConfigError, match="--activation_checkpointing 'maybe'"):
+        check_config(TrainConfig(data="d", student="s", out="o", activation_checkpointing="maybe"))
+
+
+@pytest.mark.parametrize("source", ["final", "topk"])
+def test_kd_sharing_the_students_log_softmax_equals_the_separate_computation(source):
+    from pipeline.train.objective import kd_loss
+
+    g = torch.Generator().manual_seed(4)
+    n, v, d = 9, 97, 24
+    logits = torch.randn(n, v, generator=g, requires_grad=True)
+    predict = torch.ones(1, n, dtype=torch.bool)
+    final = torch.randn(1, n + 1, d, generator=g)
+    values, idx = torch.randn(n, v, generator=g).log_softmax(-1).topk(7, dim=-1)
+    pad = lambda x: torch.cat([x[None], torch.zeros(1, 1, x.shape[-1], dtype=x.dtype)], dim=1)  # noqa: E731
+    teacher = TeacherTargets(final=final, head=LMHead(torch.randn(v, d, generator=g)), topk_values=pad(values),
+                             topk_indices=pad(idx))
+    separate = kd_loss(logits, predict, teacher, source, 1.0)
+    (g_sep,) = torch.autograd.grad(separate, logits)
+    shared = kd_loss(logits, predict, teacher, source, 1.0, torch.log_softmax(logits, -1))
+    (g_sh,) = torch.autograd.grad(shared, logits)
+    assert float(shared) == pytest.approx(float(separate), rel=1e-6)
+    torch.testing.assert_close(g_sh, g_sep, rtol=1e-5, atol=1e-8)

@@ -45,7 +45,8 @@ class TrainConfig:
         "help": "KD source: final (exact logits from the stored final state), topk, none, auto (final if stored, "
                 "else topk, else none when alpha is 0)"})
     kd_temperature: float = field(default=1.0, metadata={"help": "KD temperature"})
-    ds_config: str = field(default="ds_configs/zero2.json", metadata={"help": "DeepSpeed JSON (ds_configs/)"})
+    ds_config: str = field(default="ds_configs/auto.json", metadata={
+        "help": "DeepSpeed JSON (ds_configs/); auto.json picks the ZeRO stage for the run (0 on one rank, else 2)"})
     precision: str = field(default="auto", metadata={
         "help": "fp32, bf16, fp16, or auto (the JSON's choice; else bf16 on a GPU, fp32 on CPU)"})
     micro_batch_size: int = field(default=4, metadata={"help": "samples per rank per micro-batch"})
@@ -62,7 +63,9 @@ class TrainConfig:
     epochs: int = field(default=1, metadata={"help": "passes over the train split (when max_steps is 0)"})
     max_steps: int = field(default=0, metadata={"help": "optimizer steps of the whole run (0: from epochs)"})
     seed: int = field(default=0, metadata={"help": "seed of preset weights, projections, data order, dropout"})
-    activation_checkpointing: bool = field(default=True, metadata={"help": "recompute layer activations in backward"})
+    activation_checkpointing: str = field(default="auto", metadata={
+        "help": "recompute layer activations in backward: true, false, or auto (on when a micro-batch's activations "
+                "would not fit the device beside the model states; off on a CPU)"})
     train_split: str = field(default="train")
     valid_split: str = field(default="valid", metadata={"help": "validation split ('' to skip validation)"})
     eval_every: int = field(default=0, metadata={"help": "validate every N steps (0: at the end only)"})
@@ -111,6 +114,10 @@ def check_config(cfg: TrainConfig) -> None:
     for name, allowed in choices:
         if getattr(cfg, name) not in allowed:
             raise ConfigError(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
+    ac = str(cfg.activation_checkpointing).lower()  # a YAML `true` arrives as a bool
+    cfg.activation_checkpointing = {"on": "true", "off": "false"}.get(ac, ac)
+    if cfg.activation_checkpointing not in ("auto", "true", "false"):
+        raise ConfigError(f"--activation_checkpointing {ac!r}: choose auto, true or false")
     for name in ("micro_batch_size", "grad_accum", "epochs", "nproc", "log_every"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")

@@ -2,7 +2,9 @@
 
 The shipped JSONs say what differs between setups (ZeRO stage, offload, precision) and leave every value the
 training config owns as "auto": batch sizes, clipping, optimizer hyper-parameters, precision when not pinned,
-bucket sizes that scale with the model width. A user's own JSON may set those explicitly; an explicit value
+bucket sizes that scale with the model width. `ds_configs/auto.json` (the default) also leaves the ZeRO stage to
+the run: 0 on one rank (ZeRO saves memory only by partitioning across ranks, and its bookkeeping cost a third of
+a single-process step: BENCHMARKS.md), 2 on several, 3 when ZeRO-2's share of the model states does not fit. A user's own JSON may set those explicitly; an explicit value
 that contradicts the training config is an error naming the file and the key, never a silent winner.
 The learning-rate schedule is the training config's (warmup + cosine, built in pipeline/train/setup.py); a JSON
 "scheduler" block is refused rather than half-honoured.
@@ -38,6 +40,29 @@ class EngineSettings:
     weight_decay: float
     precision: str  # auto | fp32 | bf16 | fp16
     hidden_size: int  # the student's width, for ZeRO bucket sizes
+    n_params: int = 0  # the trained parameters, for the ZeRO stage "auto" (0: unknown)
+    device_bytes: int | None = None  # one accelerator's memory; None on a CPU
+
+
+def auto_zero_stage(s: EngineSettings, offload: bool) -> tuple[int, str]:
+    """The ZeRO stage for `"stage": "auto"`, and why. Model states (weights, gradients, fp32 master weights and
+    Adam moments) take about 16 bytes a parameter whole; ZeRO-2 keeps 4 of them whole and partitions the rest."""
+    whole = 16 * s.n_params
+    if s.world_size == 1:
+        if offload:
+            return 2, "one rank with optimizer offload (ZeRO-Offload needs stage >= 1)"
+        return 0, "one rank: ZeRO partitions across ranks, so it would only add bookkeeping"
+    if s.device_bytes is None or 4 * s.n_params + 12 * s.n_params / s.world_size <= 0.6 * s.device_bytes:
+        return 2, f"{s.world_size} ranks: gradients and optimizer states partitioned"
+    return 3, (f"{s.world_size} ranks, and ZeRO-2's share of the model states ({whole / s.world_size / 2**30:.1f}"
+               f"+ GiB) does not fit 60% of a device: parameters partitioned too")
+
+
+def fused_adamw_available() -> bool:
+    """torch's fused AdamW (one kernel for all tensors: 4.4x the single-tensor step on a CPU) exists for CUDA, and
+    for CPUs since torch 2.4."""
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return torch.cuda.is_available() or (major, minor) >= (2, 4)
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
@@ -72,8 +97,10 @@ def _fill(where: dict[str, Any], key: str, value: Any, origin: str, check: bool 
         )
 
 
-def resolve_ds_config(raw: dict[str, Any], settings: EngineSettings, origin: str = "ds_config") -> dict[str, Any]:
-    """A complete DeepSpeed config: "auto" filled from `settings`, explicit values checked against them."""
+def resolve_ds_config(raw: dict[str, Any], settings: EngineSettings, origin: str = "ds_config",
+                      notes: list[str] | None = None) -> dict[str, Any]:
+    """A complete DeepSpeed config: "auto" filled from `settings`, explicit values checked against them. Choices
+    a user should hear about (the ZeRO stage of "auto") are appended to `notes`."""
     cfg = copy.deepcopy(raw)
     s = settings
     if "scheduler" in cfg:
@@ -88,14 +115,19 @@ def resolve_ds_config(raw: dict[str, Any], settings: EngineSettings, origin: str
     _fill(cfg, "steps_per_print", 10**12, origin, check=False)  # progress is ours (tqdm, TensorBoard)
 
     zero = cfg.setdefault("zero_optimization", {"stage": 0})
+    offload_opt = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    if zero.get("stage", 0) == AUTO:
+        zero["stage"], why = auto_zero_stage(s, offload_opt)
+        if notes is not None:
+            notes.append(f"ZeRO stage auto -> {zero['stage']}: {why}")
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{origin}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    offload_opt = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+        raise ConfigError(f"{origin}: zero_optimization.stage must be 0, 1, 2, 3 or \"auto\", got {stage!r}")
     zorigin = f"{origin}: zero_optimization"
     h = s.hidden_size
-    # The widths-based defaults Hugging Face's integration uses: buckets of about one h x h matrix.
-    _fill(zero, "reduce_bucket_size", h * h, zorigin, check=False)
+    # Buckets of at least 5e7 elements: one h x h matrix (Hugging Face's default) is 65k elements for a 256-wide
+    # student, ~50 all-reduce calls a step where one or two do.
+    _fill(zero, "reduce_bucket_size", max(h * h, 5 * 10**7), zorigin, check=False)
     _fill(zero, "allgather_bucket_size", max(h * h, 5 * 10**7), zorigin, check=False)
     _fill(zero, "overlap_comm", torch.cuda.is_available(), zorigin, check=False)  # gloo gains nothing from it
     if stage == 3:
@@ -116,6 +148,10 @@ def resolve_ds_config(raw: dict[str, Any], settings: EngineSettings, origin: str
     # torch's AdamW needs no JIT build (DeepSpeed's CPU/fused Adam kernels compile for ~45 s); ZeRO-Offload wants
     # DeepSpeedCPUAdam, which DeepSpeed insists on for offloaded optimizer states.
     _fill(params, "torch_adam", not offload_opt, porigin, check=False)
+    if params.get("torch_adam") is True:
+        _fill(params, "fused", fused_adamw_available(), porigin, check=False)  # passed on to torch.optim.AdamW
+    elif params.get("fused", AUTO) == AUTO:
+        params.pop("fused", None)
 
     precision = s.precision if s.precision != AUTO else None
     pinned = [p for p in ("bf16", "fp16") if cfg.get(p, {}).get("enabled") is True]

@@ -103,7 +103,7 @@ def _grad_norm(run: Run) -> float | None:
         return float(norm)
     if run.stage == 0:  # DeepSpeed does not keep the norm it clips with at stage 0: the grads are whole here
         grads = [p.grad for p in run.engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        return float(torch.nn.utils.get_total_norm(grads))
     return None
 
 
@@ -158,18 +158,19 @@ def train_steps(run: Run, logger: Logger, state: DataPosition, stop_at: int) -> 
             sums: dict[str, float] = {}
             tokens = 0
             grad_norm = None
+            logged = (state.global_step + 1) % cfg.log_every == 0 or state.global_step + 1 == stop_at
             for micro in range(cfg.grad_accum):
                 batch = to_device(next(batches), run.device)
                 terms = eng(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             labels=batch["labels"], teacher=_targets(run, batch, layers))
                 eng.backward(terms["loss"])
-                if micro == cfg.grad_accum - 1 and run.stage == 0:
+                if micro == cfg.grad_accum - 1 and run.stage == 0 and logged:
                     grad_norm = _grad_norm(run)  # before the step zeroes the gradients
                 eng.step()
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 tokens += int(batch["attention_mask"].sum())
-            if grad_norm is None:
+            if grad_norm is None and logged:
                 grad_norm = _grad_norm(run)
             state.global_step += 1
             state.step_in_epoch += 1

@@ -27,7 +27,10 @@ from pipeline.data.prepared import PreparedData, TokenDataset
 from pipeline.errors import ConfigError
 from pipeline.features.store import FeatureStore
 from pipeline.io import write_json_atomic
-from pipeline.models import FINAL, LMHead, load_frozen_teacher, load_model, model_fingerprint, model_shape
+from pipeline.models import (
+    FINAL, LMHead, activation_bytes, count_parameters, load_frozen_teacher, load_model, model_config,
+    model_fingerprint, model_shape,
+)
 from pipeline.runtime import DistInfo, dist_info, ensure_dist_env, pick_device, seed_everything, torch_dtype
 from pipeline.train.config import TrainConfig, check_config, teacher_mode
 from pipeline.train.data import make_collate, make_dataset
@@ -88,6 +91,7 @@ class Plan:
     objective: Objective
     teacher_dims: dict[int, int]
     ds_config: dict[str, Any]
+    activation_checkpointing: bool
     inputs: dict[str, Any]
 
 
@@ -147,17 +151,51 @@ def plan_run(cfg: TrainConfig) -> Plan:
                                          teacher_fingerprint=store.teacher_fingerprint,
                                          layers=objective.valid_layers)
 
-    ds_cfg = resolve_ds_config(load_ds_config(cfg.ds_config), EngineSettings(
+    # The engine: ZeRO stage and activation checkpointing follow the run's size where the options say "auto".
+    n_params = count_parameters(cfg.student, tok)
+    device_bytes = (torch.cuda.get_device_properties(max(dist.local_rank, 0)).total_memory
+                    if torch.cuda.is_available() else None)
+    settings = EngineSettings(
         micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum, world_size=dist.world_size,
         grad_clip=cfg.grad_clip, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-        weight_decay=cfg.weight_decay, precision=cfg.precision, hidden_size=d_student), origin=cfg.ds_config)
+        weight_decay=cfg.weight_decay, precision=cfg.precision, hidden_size=d_student, n_params=n_params,
+        device_bytes=device_bytes)
+    notes: list[str] = []
+    ds_cfg = resolve_ds_config(load_ds_config(cfg.ds_config), settings, origin=cfg.ds_config, notes=notes)
+    checkpointing, why = activation_checkpointing_choice(cfg, tok, n_params, zero_stage(ds_cfg), dist.world_size,
+                                                         int(train_tokens.lengths.max()), device_bytes,
+                                                         torch_dtype(precision_of(ds_cfg)))
+    if cfg.activation_checkpointing == "auto":
+        notes.append(f"activation checkpointing auto -> {'on' if checkpointing else 'off'}: {why}")
+    if dist.is_main:
+        for note in notes:
+            print(f"[train] {note}")
     global_batch = cfg.global_batch(dist.world_size)
     if len(train_tokens) < global_batch:
         raise ConfigError(f"split {cfg.train_split!r} has {len(train_tokens)} samples, fewer than one global batch "
                           f"of {global_batch} (micro_batch_size x grad_accum x ranks)")
     return Plan(data=data, tokenizer=tok, train_tokens=train_tokens, valid_tokens=valid_tokens, teacher_mode=tmode,
                 store=store, valid_store=valid_store, objective=objective, teacher_dims=teacher_dims,
-                ds_config=ds_cfg, inputs=inputs)
+                ds_config=ds_cfg, activation_checkpointing=checkpointing, inputs=inputs)
+
+
+def activation_checkpointing_choice(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, n_params: int, stage: int,
+                                    world_size: int, seq_len: int, device_bytes: int | None,
+                                    dtype: torch.dtype) -> tuple[bool, str]:
+    """On or off, and why. `auto` turns it on only when a micro-batch's activations would not fit 80% of the device
+    beside the model states: recomputing costs about a forward (23% of a CPU step for a student whose peak memory
+    it did not change)."""
+    if cfg.activation_checkpointing != "auto":
+        return cfg.activation_checkpointing == "true", "set by --activation_checkpointing"
+    if device_bytes is None:
+        return False, "no accelerator: host memory is the limit, and recomputing only costs time"
+    states = 16 * n_params if stage < 2 else 4 * n_params + 12 * n_params / world_size
+    acts = activation_bytes(model_config(cfg.student, tokenizer), cfg.micro_batch_size, seq_len,
+                            torch.finfo(dtype).bits // 8)
+    need = f"model states {states / 2**30:.1f} GiB + activations {acts / 2**30:.1f} GiB"
+    if states + acts <= 0.8 * device_bytes:
+        return False, f"{need} fit 80% of the device's {device_bytes / 2**30:.0f} GiB"
+    return True, f"{need} exceed 80% of the device's {device_bytes / 2**30:.0f} GiB"
 
 
 def load_student(cfg: TrainConfig, plan: Plan, stage: int) -> Any:
@@ -172,7 +210,7 @@ def load_student(cfg: TrainConfig, plan: Plan, stage: int) -> Any:
         raise ConfigError(f"--student {cfg.student}: vocabulary {student.config.vocab_size} < the prepared data's "
                           f"tokenizer ({len(plan.tokenizer)})")
     student.config.use_cache = False
-    if cfg.activation_checkpointing:
+    if plan.activation_checkpointing:
         enable = getattr(student, "activation_checkpointing_enable", None)  # transformers >= 5.2x; older: gradient_
         kwargs = {"use_reentrant": False}  # reentrant checkpointing would cut the feature loss's gradient
         if enable is not None:
@@ -213,6 +251,10 @@ def setup(cfg: TrainConfig, plan: Plan | None = None) -> Run:
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=plan.ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    if stage == 0 and dist.world_size == 1:
+        # One rank has nothing to all-reduce, but DeepSpeed would still copy every gradient into flat buffers,
+        # "reduce" them and copy them back each step.
+        engine.enable_backward_allreduce = False
 
     valid_set = None
     if plan.valid_tokens is not None:
