@@ -64,6 +64,9 @@ def main() -> None:
     else:
         model, tok = small_opt()
         name = "random OPT h256 L4 (GPT-2 vocab)"
+    if torch.cuda.is_available():  # the protocol's GPU dtype (eval's `auto`)
+        model = model.to("cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        name += f" on {torch.cuda.get_device_name(0)}, {next(model.parameters()).dtype}"
     n_params = sum(p.numel() for p in model.parameters())
     if args.builtin:
         from eval.benchmarks import Sample
