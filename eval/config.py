@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,10 @@ class EvalConfig:
             raise ConfigError("sampling: need 0 < top_p <= 1, top_k >= 0 (0 = off), temperature > 0")
         if self.names and (len(self.names) != len(self.models) or len(set(self.names)) != len(self.names)):
             raise ConfigError(f"names: need {len(self.models)} distinct names, one per model, got {self.names}")
+        for name in self.names:  # each becomes a folder under --out: nothing may point outside it
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name:
+                raise ConfigError(f"--names {name!r}: a display name is also a folder name under --out; use "
+                                  f"letters, digits, '.', '_' and '-' (starting with a letter or digit)")
         try:
             self.fields()
         except DataError as e:

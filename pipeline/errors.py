@@ -28,6 +28,10 @@ class StoreError(GeokdError, RuntimeError):
     """A feature store that cannot be used as asked; the message names the folder or shard and what is wrong."""
 
 
+class TrainingDiverged(GeokdError, RuntimeError):
+    """Training reached a non-finite loss: the message says at which step and what to change."""
+
+
 # OS errors about a path the user named (a missing input, an output that exists, an unwritable folder) are
 # mistakes too, not bugs: their message already carries the path.
 _USER_OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)

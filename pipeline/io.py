@@ -37,18 +37,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    # mkstemp creates 0600; give the file the mode a plain open() would (0666 less the umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
+        # mkstemp creates 0600, and so do writers that replace the file (safetensors): give it the mode a plain
+        # open() would (0666 less the umask), after the writer is done.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def usual_modes(folder: str | Path) -> None:
+    """Give a folder and everything in it the modes a plain mkdir/open would (0777/0666 less the umask): mkdtemp
+    makes folders 0700, and transformers writes safetensors 0600, which colleagues on shared storage cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root = Path(folder)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

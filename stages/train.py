@@ -48,9 +48,10 @@ def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
 
 def train(run: Any) -> dict[str, Any]:
     """The recipe of a set-up run: resume, train to the end (or --stop_after), validate, consolidate."""
-    from pipeline.train.loop import Logger, finish, resume, stop_step, train_steps, validate
+    from pipeline.train.loop import Logger, finish, resume, stop_step, train_steps, validate, write_run_files
 
     state = resume(run)  # the data position of the newest checkpoint with --resume, else step 0
+    write_run_files(run)  # OUT/config.yaml, OUT/ds_config.json
     logger = Logger(run, state.global_step)
     started = time.perf_counter()
     try:

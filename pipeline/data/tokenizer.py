@@ -22,7 +22,7 @@ from typing import Iterable
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from pipeline.errors import ConfigError
-from pipeline.io import sha256_json
+from pipeline.io import sha256_json, usual_modes
 from pipeline.runtime import hub_offline, is_hub_name
 
 BUILTIN_SPECS = ("builtin-gpt2", "builtin-tiny")
@@ -110,6 +110,7 @@ def builtin_tiny(vocab_size: int = TINY_VOCAB_SIZE) -> PreTrainedTokenizerBase:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             tok.save_pretrained(tmp)
+            usual_modes(tmp)
             try:
                 os.rename(tmp, target)  # atomic; another process finishing first is fine, both are identical
             except OSError:

@@ -15,7 +15,7 @@ TEACHER_MODES = ("auto", "stored", "online")
 # Fields that may change between a run and its --resume without changing what is trained.
 RESUME_FREE_FIELDS = frozenset({
     "resume", "stop_after", "nproc", "local_rank", "num_workers", "prefetch_factor", "progress", "log_every",
-    "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples", "valid_features", "out",
+    "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples", "valid_features", "out", "nonfinite",
 })
 
 
@@ -77,6 +77,9 @@ class TrainConfig:
         "help": "end this invocation after N optimizer steps, with a checkpoint (for job time limits); "
                 "--resume continues; the schedule still spans the whole run"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
+    nonfinite: str = field(default="stop", metadata={
+        "help": "on a NaN/inf loss: stop (exit 2 naming the step; no model is saved) or skip (that micro-batch "
+                "adds no gradient; counted as skipped_nonfinite in the metrics)"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank"})
     prefetch_factor: int = field(default=4, metadata={"help": "batches each worker prepares ahead"})
     progress: bool = field(default=True, metadata={"help": "tqdm progress bar on rank 0"})
@@ -109,7 +112,7 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("data", "student", "out"):
         if not getattr(cfg, name):
             raise ConfigError(f"--{name} is required")
-    choices = (("mode", MODES), ("loss", LOSS_CHOICES), ("kd", KD_SOURCES),
+    choices = (("mode", MODES), ("loss", LOSS_CHOICES), ("kd", KD_SOURCES), ("nonfinite", ("stop", "skip")),
                ("teacher_mode", TEACHER_MODES), ("precision", PRECISIONS))
     for name, allowed in choices:
         if getattr(cfg, name) not in allowed:

@@ -5,6 +5,7 @@ stages/train.py strings them together: `resume` -> `train_steps` -> `validate` -
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,8 +14,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline.config import config_to_dict
-from pipeline.errors import ConfigError
+from pipeline.config import config_to_dict, save_config
+from pipeline.errors import ConfigError, TrainingDiverged
 from pipeline.io import atomic_path, write_json_atomic
 from pipeline.models import model_fingerprint
 from pipeline.train import checkpointing as ckpt
@@ -48,20 +49,27 @@ class Logger:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        if start_step > 0 and self.path.is_file():  # drop what a killed run logged after its last checkpoint
+        # Drop what a killed run logged after its last checkpoint (all of it when none was written: a --resume
+        # that starts from step 0 must not log its steps twice).
+        if self.path.is_file():
             keep = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= start_step]
             with atomic_path(self.path) as tmp:
                 tmp.write_text("".join(line + "\n" for line in keep))
-        self.tb = SummaryWriter(str(run.out / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.tb = SummaryWriter(str(run.out / "tb"), purge_step=start_step + 1)
 
     def log(self, split: str, step: int, values: dict[str, float]) -> None:
         if not self.on:
             return
         for k, v in values.items():
             self.tb.add_scalar(f"{split}/{k}", v, step)
+        # Strict JSON: a non-finite value is written as null and named under "nonfinite".
+        bad = sorted(k for k, v in values.items() if not math.isfinite(v))
+        record = {"split": split, "step": step, **{k: (v if k not in bad else None) for k, v in values.items()}}
+        if bad:
+            record["nonfinite"] = bad
         with open(self.path, "a") as f:
-            f.write(json.dumps({"split": split, "step": step, **values}) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
 
     def close(self) -> None:
         if self.tb is not None:
@@ -97,6 +105,24 @@ def _targets(run: Run, batch: dict[str, Any], layers: list[int], valid: bool = F
     return stored_targets(batch, run.head, layers)
 
 
+def _any_nonfinite(loss: torch.Tensor, run: Run) -> bool:
+    """True on every rank when the loss is NaN/inf on any (ranks must agree, or a collective would hang)."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0], device=run.device)
+    if run.dist.world_size > 1:
+        torch.distributed.all_reduce(bad)
+    return bool(bad.item())
+
+
+def _diverged(run: Run, step: int, terms: dict[str, Any]) -> TrainingDiverged:
+    parts = ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in terms.items() if k != "hidden")
+    newest = ckpt.latest_tag(run.out / "checkpoints")
+    return TrainingDiverged(
+        f"step {step}: the loss is not finite ({parts}); stopped before updating the weights, no model saved. "
+        + (f"The newest checkpoint is {run.out / 'checkpoints' / newest} (it may already hold diverging weights). "
+           if newest else "")
+        + "Lower --lr, raise --warmup_steps or --grad_clip, and rerun (or --nonfinite skip to skip such batches)")
+
+
 def _grad_norm(run: Run) -> float | None:
     norm = run.engine.get_global_grad_norm()
     if norm is not None:
@@ -125,6 +151,14 @@ def resume(run: Run) -> DataPosition:
     elif cfg.resume and dist.is_main:
         print(f"[train] --resume: no checkpoint in {root}, starting from the beginning")
     return state
+
+
+def write_run_files(run: Run) -> None:
+    """OUT/config.yaml and OUT/ds_config.json: written after --resume is accepted, so a refused resume leaves
+    the run's own record of its options untouched."""
+    if run.dist.is_main:
+        save_config(run.cfg, run.out / "config.yaml")
+        write_json_atomic(run.out / "ds_config.json", run.ds_config)
 
 
 def stop_step(run: Run, state: DataPosition) -> int:
@@ -159,10 +193,17 @@ def train_steps(run: Run, logger: Logger, state: DataPosition, stop_at: int) -> 
             tokens = 0
             grad_norm = None
             logged = (state.global_step + 1) % cfg.log_every == 0 or state.global_step + 1 == stop_at
+            skipped = 0
             for micro in range(cfg.grad_accum):
                 batch = to_device(next(batches), run.device)
                 terms = eng(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             labels=batch["labels"], teacher=_targets(run, batch, layers))
+                if _any_nonfinite(terms["loss"], run):
+                    if cfg.nonfinite == "stop":
+                        raise _diverged(run, state.global_step + 1, terms)
+                    skipped += 1  # no backward: this micro-batch adds no gradient
+                    eng.step()
+                    continue
                 eng.backward(terms["loss"])
                 if micro == cfg.grad_accum - 1 and run.stage == 0 and logged:
                     grad_norm = _grad_norm(run)  # before the step zeroes the gradients
@@ -170,13 +211,21 @@ def train_steps(run: Run, logger: Logger, state: DataPosition, stop_at: int) -> 
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 tokens += int(batch["attention_mask"].sum())
+            if skipped:
+                state_skipped = _all_sum(float(skipped), run.dist.world_size, run.device)
+                if run.dist.is_main:
+                    print(f"[train] step {state.global_step + 1}: {skipped} micro-batch(es) with a non-finite loss "
+                          f"skipped (--nonfinite skip)")
             if grad_norm is None and logged:
                 grad_norm = _grad_norm(run)
             state.global_step += 1
             state.step_in_epoch += 1
             state.tokens += tokens
             step = state.global_step
-            values = _reduce_mean(sums, cfg.grad_accum, run.dist.world_size, run.device)
+            values = _reduce_mean(sums, max(cfg.grad_accum - skipped, 1), run.dist.world_size, run.device)
+            if skipped:
+                values["skipped_nonfinite"] = state_skipped
+                values.setdefault("loss", math.nan)  # every micro-batch skipped: logged as null
             all_tokens = _all_sum(float(tokens), run.dist.world_size, run.device)
             if step % cfg.log_every == 0 or step == stop_at:
                 values["lr"] = lr

@@ -22,11 +22,9 @@ import torch
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.config import save_config
 from pipeline.data.prepared import PreparedData, TokenDataset
 from pipeline.errors import ConfigError
 from pipeline.features.store import FeatureStore
-from pipeline.io import write_json_atomic
 from pipeline.models import (
     FINAL, LMHead, activation_bytes, count_parameters, load_frozen_teacher, load_model, model_config,
     model_fingerprint, model_shape,
@@ -68,6 +66,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     inputs: dict[str, Any]
+    ds_config: dict[str, Any]
 
 
 def check_output_folder(out: Path, resume: bool) -> None:
@@ -262,12 +261,10 @@ def setup(cfg: TrainConfig, plan: Plan | None = None) -> Run:
                                  topk=objective.kd == "topk")
     out = Path(cfg.out)
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        write_json_atomic(out / "ds_config.json", plan.ds_config)
+        out.mkdir(parents=True, exist_ok=True)  # the run's files are written once --resume has been accepted
     pad = plan.tokenizer.pad_token_id
     return Run(cfg=cfg, dist=dist, device=device, out=out, engine=engine, stage=stage, objective=objective,
                tokenizer=plan.tokenizer, train_set=train_set, valid_set=valid_set, valid_store=plan.valid_store,
                teacher=teacher, head=head, collate=make_collate(pad, store is not None),
                valid_collate=make_collate(pad, plan.valid_store is not None), steps_per_epoch=steps_per_epoch,
-               total_steps=total_steps, inputs=plan.inputs)
+               total_steps=total_steps, inputs=plan.inputs, ds_config=plan.ds_config)

@@ -1,0 +1,129 @@
+"""What geokd guarantees when things go wrong: nothing already written is lost or silently replaced, and every
+mistake is a message. One test a guarantee, each the reproduction of a failure a user met, asserting the message
+and that nothing was lost. (The first line of each docstring is the guarantee.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def stage(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", f"stages.{name}", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def sft_args(prepared: Path, out: Path, *extra: str) -> list[str]:
+    return ["--mode", "sft", "--data", prepared, "--student", "preset:tiny-student", "--out", out,
+            "--micro_batch_size", "4", "--num_workers", "0", "--progress", "false", "--eval_samples", "8", *extra]
+
+
+def strict_json_lines(path: Path) -> list[dict]:
+    def refuse(token: str):
+        raise AssertionError(f"{path}: {token} is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_a_refused_resume_leaves_the_runs_own_files_untouched(prepared_tiny, tmp_path):
+    """A --resume with changed options is refused, and OUT/config.yaml and OUT/ds_config.json keep the run's."""
+    out = tmp_path / "run"
+    assert stage("train", *sft_args(prepared_tiny, out, "--max_steps", "2")).returncode == 0
+    import shutil
+
+    shutil.rmtree(out / "model")
+    (out / "manifest.json").unlink()
+    before = {name: (out / name).read_bytes() for name in ("config.yaml", "ds_config.json")}
+    proc = stage("train", *sft_args(prepared_tiny, out, "--max_steps", "2", "--resume", "--lr", "0.5"))
+    assert proc.returncode == 2 and "the run was started with other options" in proc.stderr
+    assert "lr: checkpoint 0.0001, now 0.5" in proc.stderr
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_a_resume_without_checkpoint_logs_each_step_once(prepared_tiny, tmp_path):
+    """--resume with no checkpoint starts over without logging the killed run's steps a second time."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"split": "train", "step": 1, "loss": 9.0}\n')  # a run killed at step 1
+    proc = stage("train", *sft_args(prepared_tiny, out, "--max_steps", "3", "--resume", "--valid_split", ""))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no checkpoint" in proc.stdout
+    steps = [r["step"] for r in strict_json_lines(out / "metrics.jsonl") if r["split"] == "train"]
+    assert steps == [1, 2, 3]
+
+
+def test_a_diverging_run_stops_with_a_message_and_saves_no_model(prepared_tiny, tmp_path):
+    """A NaN/inf loss stops training (exit 2, the step named, no model saved); metrics stay strict JSON."""
+    out = tmp_path / "run"
+    proc = stage("train", *sft_args(prepared_tiny, out, "--max_steps", "6", "--lr", "1e6", "--warmup_steps", "0",
+                                    "--grad_clip", "0", "--valid_split", ""))
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("[train] error:")]
+    assert len(lines) == 1 and "the loss is not finite" in lines[0] and "no model saved" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (out / "model").exists() and not (out / "manifest.json").exists()
+    assert strict_json_lines(out / "metrics.jsonl")  # parses with NaN/Infinity refused
+
+
+def test_skipping_nonfinite_batches_is_counted_and_logged_as_strict_json(prepared_tiny, tmp_path):
+    """--nonfinite skip keeps going, counts what it skipped, and writes non-finite values as null."""
+    out = tmp_path / "run"
+    proc = stage("train", *sft_args(prepared_tiny, out, "--max_steps", "4", "--lr", "1e6", "--warmup_steps", "0",
+                                    "--grad_clip", "0", "--valid_split", "", "--nonfinite", "skip"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = strict_json_lines(out / "metrics.jsonl")
+    assert any(r.get("skipped_nonfinite") for r in rows) and "skipped (--nonfinite skip)" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/anywhere", "a/b", ".hidden", "x..y"])
+def test_eval_names_cannot_write_outside_out(name, tmp_path):
+    """eval --names becomes a folder under --out: a name that would leave it is refused before anything runs."""
+    from eval.config import EvalConfig
+    from pipeline.config import parse_config
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="display name is also a folder name"):
+        parse_config(EvalConfig, ["--models", "m", "--names", name, "--out", str(tmp_path / "e")])
+    assert not (tmp_path / "e").exists()
+
+
+def test_the_consolidated_model_is_what_save_pretrained_writes(prepared_tiny, tmp_path):
+    """OUT/model holds what save_pretrained of the same model holds (the tied head once, use_cache on), readable by
+    others (the usual umask modes, not mkdtemp's 0700)."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    assert stage("train", *sft_args(prepared_tiny, out, "--max_steps", "2", "--valid_split", "")).returncode == 0
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    model.save_pretrained(tmp_path / "resaved")
+    keys = lambda d: sorted(safe_open(str(d / "model.safetensors"), "pt").keys())  # noqa: E731
+    assert keys(out / "model") == keys(tmp_path / "resaved")
+    assert json.loads((out / "model" / "config.json").read_text())["use_cache"] is True
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (out / "model" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_prepared_shards_and_feature_shards_have_the_usual_modes(prepared_tiny, tiny_pair, tmp_path):
+    """Every file a stage writes is readable by others as a plain open() would make it (0666 less the umask)."""
+    store = tmp_path / "store"
+    assert stage("cache", "--data", prepared_tiny, "--teacher", tiny_pair.teacher, "--out", store, "--layers", "1",
+                 "--final", "--progress", "false").returncode == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [p for p in [*prepared_tiny.rglob("*"), *store.rglob("*")] if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    wrong = {str(p): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != 0o666 & ~umask}
+    assert not wrong
