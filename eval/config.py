@@ -54,9 +54,9 @@ class EvalConfig:
         default=0, metadata={"help": "new-token budget per sample; 0 = max_length - max_prompt_length (MiniLLM)"}
     )
     prompt_truncation: str = field(
-        default="left",
-        metadata={"help": "left: keep leading special tokens + the last tokens (the response cue survives); "
-                          "right: keep the first max_prompt_length tokens (MiniLLM's code)"},
+        default="right",
+        metadata={"help": "right (MiniLLM's evaluation, the default): keep the first max_prompt_length tokens; "
+                          "left: keep leading special tokens + the last tokens (the response cue survives)"},
     )
     temperature: float = 1.0
     top_k: int = 0

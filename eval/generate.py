@@ -24,7 +24,7 @@ _MASK64 = (1 << 64) - 1
 class GenerationSettings:
     max_new_tokens: int = 256
     max_prompt_length: int = 256
-    prompt_truncation: str = "left"
+    prompt_truncation: str = "right"
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -92,11 +92,12 @@ class SuppressBeyondVocab(LogitsProcessor):
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[tuple[int, str]], max_prompt_length: int,
-                   truncation: str = "left") -> list[EncodedPrompt]:
+                   truncation: str = "right") -> list[EncodedPrompt]:
     """Tokenize (index, prompt) pairs with the model's own special tokens, fitting each into max_prompt_length.
 
-    left: keep the leading special tokens (e.g. OPT's BOS) and the end of the prompt, so "### Response:" survives;
-    right: keep the first max_prompt_length tokens, as MiniLLM's evaluation code does.
+    right (the default): keep the first max_prompt_length tokens, as MiniLLM's evaluation does (its
+    `data[:max_prompt_length]`), so scores compare with published tables;
+    left: keep the leading special tokens (e.g. OPT's BOS) and the end of the prompt, so "### Response:" survives.
     """
     special = set(tokenizer.all_special_ids)
     encoded = []

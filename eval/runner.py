@@ -23,12 +23,15 @@ from eval.report import write_reports
 from eval.scoring import aggregate, score_all
 from pipeline.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from pipeline.errors import ConfigError, DataError
-from pipeline.io import atomic_path, read_json, write_json_atomic
+from pipeline.io import atomic_path, check_folder_is_ours, read_json, write_json_atomic
 from pipeline.models import quick_model_fingerprint
 from pipeline.runtime import (
     barrier, broadcast_object, destroy_process_group, dist_info, gather_lists, init_process_group, pick_device,
     torch_dtype,
 )
+
+EVAL_FILES = {"protocol.json", "generations", "scores.json", "scores.md", "scores.png", "tensorboard"}
+
 
 def model_names(paths: Sequence[str]) -> list[str]:
     """Per model, the shortest path suffix no other model shares ('a__final', 'b__final', 'c')."""
@@ -130,6 +133,7 @@ def _summary(folder: Path, bench: Benchmark, config: EvalConfig) -> dict[str, An
 def _plan(config: EvalConfig, names: list[str], benches: list[Benchmark], protocol: dict[str, Any],
           out: Path) -> dict[str, dict[str, list[int | None]]]:
     """Check what is already in `out` against this run and list the passes still to generate, per model and set."""
+    check_folder_is_ours(out, "eval", EVAL_FILES, "geokd.eval")
     _check_record(out / "protocol.json", protocol, "generation protocol", (out / "generations").exists())
     pending: dict[str, dict[str, list[int | None]]] = {}
     for model_dir, name in zip(config.models, names):
@@ -172,7 +176,12 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         top_p=config.top_p, no_repeat_ngram_size=config.no_repeat_ngram_size,
     )
     protocol = {**settings.__dict__, "dtype": str(dtype).removeprefix("torch."), "max_samples": config.max_samples,
-                "field_map": config.fields(), "metric": "rougeL F1 x100, rouge_score stemmer, max over references"}
+                "field_map": config.fields(), "metric": "rougeL F1 x100, rouge_score stemmer, max over references",
+                "prompt_encoding": "the tokenizer's default special tokens (OPT's start token prepended), as "
+                                   "MiniLLM's evaluation encodes prompts",
+                "prompt_truncation_rule": {"right": "the first max_prompt_length tokens are kept (MiniLLM)",
+                                           "left": "leading special tokens and the last tokens are kept"}[
+                    config.prompt_truncation]}
     del protocol["min_new_tokens"]
 
     t0 = time.time()

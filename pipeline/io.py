@@ -52,6 +52,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def check_folder_is_ours(out: str | Path, stage: str, own: set[str], kind: str) -> None:
+    """Refuse an output folder that holds anything `stage` does not write (`own`: its top-level names), or a
+    manifest of another stage: no stage writes into a folder that belongs to another or to the user."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a folder")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if p.name not in own and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        try:
+            other = json.loads(manifest.read_text(encoding="utf-8")).get("kind")
+        except (ValueError, AttributeError):
+            other = "unreadable"
+        if other != kind:
+            foreign.insert(0, f"manifest.json of kind {other!r}")
+    if foreign:
+        raise FileExistsError(f"--out {out} holds what {stage} did not make ({', '.join(foreign[:5])}"
+                              f"{', ...' if len(foreign) > 5 else ''}); nothing was written there: choose another "
+                              f"--out")
+
+
 def usual_modes(folder: str | Path) -> None:
     """Give a folder and everything in it the modes a plain mkdir/open would (0777/0666 less the umask): mkdtemp
     makes folders 0700, and transformers writes safetensors 0600, which colleagues on shared storage cannot read."""

@@ -54,6 +54,18 @@ def run(cfg: CacheConfig) -> int:
     if teacher_dir is not None and (teacher_dir / "tokenizer_config.json").is_file():
         if tokenizer_fingerprint(load_tokenizer(str(teacher_dir))) != data.tokenizer_fingerprint:
             raise StoreError(f"teacher {teacher_dir} has another tokenizer than the prepared data {cfg.data}")
+    elif teacher_dir is not None:
+        # No tokenizer to compare: at least its special token ids must be the data's (the vocabulary size was
+        # checked when it loaded).
+        ids = {name: (getattr(model.config, f"{name}_token_id", None), getattr(tok, f"{name}_token_id"))
+               for name in ("bos", "eos")}
+        differ = [f"{name} {mine} vs the data's {theirs}" for name, (mine, theirs) in ids.items()
+                  if mine is not None and theirs is not None and mine != theirs]
+        if differ:
+            raise StoreError(f"teacher {teacher_dir} has no tokenizer files, and its config's special tokens differ "
+                             f"from the prepared data's tokenizer ({'; '.join(differ)}): not its tokenizer")
+        say(f"[cache] note: {teacher_dir} has no tokenizer files; only its vocabulary size and special token ids "
+            f"were checked against the prepared data's tokenizer")
     dims = cache.probe_dims(model, cfg.layers, cfg.final, input_device)
 
     # 2. The plan: what the shards hold and how the work is cut. A rerun must agree with the one on disk.

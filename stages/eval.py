@@ -17,7 +17,7 @@ Common options:
     --out DIR               outputs (default runs/eval); a rerun skips the passes already written there
     --batch-size 8  --dtype auto|fp32|bf16|fp16  --tokenizer DIR (when a model dir has none)
     --max-prompt-length 256 --max-length 512 --max-new-tokens 0 (0 = max_length - max_prompt_length)
-    --prompt-truncation left|right   left keeps the prompt's end ("### Response:"), right is MiniLLM's cut
+    --prompt-truncation right|left   right (default) keeps the first tokens, as MiniLLM; left keeps the end
 
 Several ranks: torchrun --nproc_per_node K -m stages.eval --models DIR ...  (each rank generates a slice; rank 0
 gathers in order, scores and writes). Outputs in --out: scores.json, scores.md, scores.png (bar chart),

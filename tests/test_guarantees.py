@@ -127,3 +127,76 @@ def test_prepared_shards_and_feature_shards_have_the_usual_modes(prepared_tiny, 
     assert any(p.suffix == ".safetensors" for p in files)
     wrong = {str(p): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != 0o666 & ~umask}
     assert not wrong
+
+
+def test_no_stage_writes_into_a_folder_another_stage_made(prepared_tiny, tiny_pair, tmp_path):
+    """train and eval refuse an --out that holds what they did not make (prepared data, a feature store, a user's
+    files), and leave it byte for byte as it was."""
+    import shutil
+
+    prep = tmp_path / "prep"
+    shutil.copytree(prepared_tiny, prep)
+    store = tmp_path / "store"
+    assert stage("cache", "--data", prep, "--teacher", tiny_pair.teacher, "--out", store, "--layers", "1",
+                 "--progress", "false").returncode == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("a user's file")
+    snapshot = lambda d: {p: p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}  # noqa: E731
+    for folder in (prep, store, mine):
+        before = snapshot(folder)
+        proc = stage("train", *sft_args(prep, folder, "--max_steps", "1"))
+        assert proc.returncode == 2 and "holds what train did not make" in proc.stderr, proc.stderr[-1500:]
+        proc = stage("eval", "--models", tiny_pair.student, "--benchmarks", prep / "valid" / "records.jsonl",
+                     "--field_map", "output=references", "--max_samples", "1", "--greedy", "--out", folder)
+        assert proc.returncode == 2 and "holds what eval did not make" in proc.stderr, proc.stderr[-1500:]
+        assert snapshot(folder) == before
+
+
+def test_eval_follows_minillm_for_long_prompts_and_records_it(tiny_pair, tmp_path):
+    """A prompt over 256 tokens keeps its first 256 (MiniLLM's evaluation) unless told otherwise, and
+    protocol.json says so, with how prompts are encoded (the tokenizer's start token, as MiniLLM)."""
+    from eval.config import EvalConfig
+    from eval.runner import evaluate
+
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"instruction": "word " * 400, "output": "ok"}) + "\n")
+    cfg = EvalConfig(models=[str(tiny_pair.student)], benchmarks=[str(data)], greedy=True, max_new_tokens=2,
+                     out=str(tmp_path / "eval"))
+    assert cfg.prompt_truncation == "right"
+    evaluate(cfg, progress=False)
+    protocol = json.loads((tmp_path / "eval" / "protocol.json").read_text())
+    assert protocol["prompt_truncation"] == "right" and "MiniLLM" in protocol["prompt_truncation_rule"]
+    assert "start token" in protocol["prompt_encoding"]
+    row = json.loads((tmp_path / "eval" / "generations" / "student" / "long" / "greedy.jsonl").read_text())
+    assert row["prompt_truncated"] > 0 and row["prompt_tokens"] == 256
+
+
+def test_a_rerun_on_a_truncated_store_names_the_damage_instead_of_saying_complete(prepared_tiny, tiny_pair,
+                                                                                   tmp_path):
+    """Rerunning cache on a finished store whose shard was truncated is an error naming the shard and the repair."""
+    store = tmp_path / "store"
+    args = ["--data", prepared_tiny, "--teacher", tiny_pair.teacher, "--out", store, "--layers", "1",
+            "--progress", "false"]
+    assert stage("cache", *args).returncode == 0
+    shard = sorted((store / "shards").glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    proc = stage("cache", *args)
+    assert proc.returncode == 2 and "damaged files" in proc.stderr and shard.name in proc.stderr
+    assert "delete" in proc.stderr and "already holds this store" not in proc.stdout
+
+
+def test_a_teacher_without_tokenizer_files_is_still_checked_against_the_data(prepared_tiny, tiny_pair, tmp_path):
+    """cache with a teacher dir that has no tokenizer: its special token ids must match the data's tokenizer."""
+    import shutil
+
+    bare = tmp_path / "bare_teacher"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_pair.teacher / f, bare / f)
+    config = json.loads((bare / "config.json").read_text())
+    config["eos_token_id"] = config["eos_token_id"] + 5
+    (bare / "config.json").write_text(json.dumps(config))
+    proc = stage("cache", "--data", prepared_tiny, "--teacher", bare, "--out", tmp_path / "store", "--layers", "1")
+    assert proc.returncode == 2 and "no tokenizer files" in proc.stderr and "eos" in proc.stderr
+    assert not (tmp_path / "store").exists()

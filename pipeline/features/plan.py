@@ -92,7 +92,18 @@ def check_output_folder(out: Path, plan: dict[str, Any]) -> str:
     if diffs:
         raise StoreError(f"{out} holds a feature store made with another " + "; ".join(diffs)
                          + ". Use another --out (nothing there was changed).")
-    return "complete" if (out / MANIFEST).is_file() else "resume"
+    if not (out / MANIFEST).is_file():
+        return "resume"
+    # Complete by its manifest: still, a truncated or missing file must not be taken for a finished store.
+    manifest = read_json(out / MANIFEST)
+    files = list(manifest.get("shards", [])) + [manifest[k] for k in ("lowrank", "lm_head") if manifest.get(k)]
+    damaged = [f"{f['file']} ({'missing' if not (out / f['file']).is_file() else 'size differs'})" for f in files
+               if not (out / f["file"]).is_file() or (out / f["file"]).stat().st_size != f["bytes"]]
+    if damaged:
+        raise StoreError(f"{out} is a finished store with damaged files: {', '.join(damaged[:5])}"
+                         f"{', ...' if len(damaged) > 5 else ''}; to repair, delete {out / MANIFEST} and rerun the "
+                         f"same cache command (damaged units are recomputed, sound ones kept)")
+    return "complete"
 
 
 def prepare_output_folder(out: Path, plan: dict[str, Any], needed_bytes: int) -> None:

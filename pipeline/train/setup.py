@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from pipeline.data.prepared import PreparedData, TokenDataset
 from pipeline.errors import ConfigError
 from pipeline.features.store import FeatureStore
+from pipeline.io import check_folder_is_ours
 from pipeline.models import (
     FINAL, LMHead, activation_bytes, count_parameters, load_frozen_teacher, load_model, model_config,
     model_fingerprint, model_shape,
@@ -69,7 +70,12 @@ class Run:
     ds_config: dict[str, Any]
 
 
+RUN_FILES = {"checkpoints", "tb", "metrics.jsonl", "config.yaml", "ds_config.json", "model", "manifest.json",
+             ".lock"}
+
+
 def check_output_folder(out: Path, resume: bool) -> None:
+    check_folder_is_ours(out, "train", RUN_FILES | {p.name for p in out.glob(".model.*")}, "geokd.train")
     if (out / "model" / "config.json").is_file():
         raise FileExistsError(f"{out}: this run is finished (model/ exists); choose another --out")
     if not resume and ((out / "checkpoints").exists() or (out / "metrics.jsonl").exists()):
