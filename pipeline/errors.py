@@ -6,6 +6,7 @@ exit status 2 (`run_stage`); any other exception is a bug and keeps its tracebac
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -55,5 +56,16 @@ def run_stage(name: str, body: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print(f"[{name}] interrupted", file=sys.stderr)
         return 130
-    print(f"[{name}] error: {message}", file=sys.stderr)
+    report(f"[{name}] error: {message}")
     return EXIT_USER_ERROR
+
+
+def report(line: str) -> None:
+    """Say a user's mistake once per job: ranks started by runtime.launch_local_ranks leave it to the launcher
+    (which prints each distinct message once); under other launchers, local rank 0 of each node says it."""
+    error_dir = os.environ.get("GEOKD_ERROR_DIR")
+    if error_dir and os.path.isdir(error_dir):
+        with open(os.path.join(error_dir, f"rank{os.environ.get('RANK', '0')}"), "w") as f:
+            f.write(line + "\n")
+    elif os.environ.get("LOCAL_RANK", "0") == "0":
+        print(line, file=sys.stderr)

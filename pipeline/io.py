@@ -76,6 +76,28 @@ def check_folder_is_ours(out: str | Path, stage: str, own: set[str], kind: str) 
                               f"--out")
 
 
+def hold_folder_lock(out: str | Path, stage: str) -> Any:
+    """Hold OUT/.lock for as long as this process lives (the kernel drops it when the process dies, SIGKILL
+    included): a second run into a folder that a live run writes is refused, naming the holder."""
+    import fcntl
+
+    path = Path(out) / ".lock"
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise FileExistsError(f"--out {out} is in use by a live {stage} run ({holder}); wait for it to end or "
+                              f"choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    handle.flush()
+    return handle
+
+
 def usual_modes(folder: str | Path) -> None:
     """Give a folder and everything in it the modes a plain mkdir/open would (0777/0666 less the umask): mkdtemp
     makes folders 0700, and transformers writes safetensors 0600, which colleagues on shared storage cannot read."""

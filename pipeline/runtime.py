@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -149,3 +151,70 @@ def gather_lists(items: list[Any], world_size: int) -> list[Any]:
     parts: list[Any] = [None] * world_size
     torch.distributed.all_gather_object(parts, items)
     return [x for part in parts for x in part]
+
+
+# -- local ranks: launched, watched and taken down together ------------------------------------------------------
+ERROR_DIR_VAR = "GEOKD_ERROR_DIR"  # where ranks started by launch_local_ranks leave their one-line error
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: get SIGTERM when the launching process dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def launch_local_ranks(module: str, nproc: int, args: list[str]) -> int:
+    """Run `python -m module args` as `nproc` ranks of one job on this machine and wait for them.
+
+    The ranks die with the launcher (SIGTERM/SIGINT are passed on; SIGKILL reaches them through the kernel's
+    parent-death signal), the first rank to fail takes the others down, and a user's mistake is printed once,
+    however many ranks met it. Returns the job's exit status (2 when a rank exited with 2)."""
+    import subprocess
+    import tempfile
+    import time
+
+    errors = tempfile.mkdtemp(prefix="geokd-errors-")
+    port = free_port()
+    threads = str(max(1, (os.cpu_count() or 1) // nproc))
+    procs = []
+    for r in range(nproc):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **{ERROR_DIR_VAR: errors})
+        env.setdefault("OMP_NUM_THREADS", threads)
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env, preexec_fn=_die_with_parent))
+
+    def stop_all(*_: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+
+    previous = {s: signal.signal(s, lambda sig, frame: (stop_all(), sys.exit(128 + sig)))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        failed = None
+        while any(p.poll() is None for p in procs):
+            failed = failed or next((p for p in procs if p.returncode not in (None, 0)), None)
+            if failed is not None:
+                time.sleep(2.0)  # let the other ranks meet the same error and say so, then take them down
+                stop_all()
+                break
+            time.sleep(0.05)
+        codes = [p.wait() for p in procs]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    messages = sorted({Path(errors, f).read_text().strip() for f in os.listdir(errors)})
+    for message in messages:
+        print(message, file=sys.stderr)
+    import shutil
+
+    shutil.rmtree(errors, ignore_errors=True)
+    if messages or 2 in codes:
+        return 2
+    if all(c == 0 for c in codes):
+        return 0
+    return failed.returncode if failed is not None and failed.returncode > 0 else 1

@@ -6,7 +6,8 @@
 
 Distill mode streams the teacher's stored features (./run.sh cache) and never loads the teacher; with
 --teacher_mode online (or --teacher without --features) a frozen teacher runs every step instead. Launch as one
-process, with --nproc N (this stage relaunches itself under torchrun on this machine), or under your own
+process, with --nproc N (this stage starts N ranks on this machine, takes them down together, and says a
+mistake once), or under your own
 launcher: `torchrun --nproc_per_node N [--nnodes M ...] -m stages.train ...` or
 `deepspeed [--hostfile ds_configs/hostfile.example] --module stages.train ...`.
 
@@ -16,7 +17,6 @@ metrics.jsonl, model/, manifest.json) is described in pipeline/train/setup.py.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -24,26 +24,21 @@ from typing import Any
 
 from pipeline.config import parse_config
 from pipeline.errors import run_stage
-from pipeline.runtime import destroy_process_group, free_port
+from pipeline.runtime import destroy_process_group, launch_local_ranks
 from pipeline.train.config import TrainConfig
 
 
-def relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
-    """Run this stage as `nproc` local ranks; the ranks see RANK set and do not relaunch again."""
-    # torchrun's parser would take our --nproc for an abbreviation of its --nproc_per_node: leave it out.
-    args, skip = [], False
+def without_option(argv: list[str], option: str) -> list[str]:
+    """argv less `option VALUE` and `option=VALUE`: the ranks must not launch again."""
+    out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == "--nproc":
+        elif a == option:
             skip = True
-        elif not a.startswith("--nproc="):
-            args.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "stages.train", *args]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd, env=env)
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
 
 
 def train(run: Any) -> dict[str, Any]:
@@ -79,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         cfg = parse_config(TrainConfig, argv)
         if cfg.nproc > 1 and "RANK" not in os.environ:
-            return relaunch_under_torchrun(cfg.nproc, argv)
+            # The ranks see RANK set and do not launch again; --nproc is left out of their arguments all the same.
+            return launch_local_ranks("stages.train", cfg.nproc, without_option(argv, "--nproc"))
         # DeepSpeed 0.19's ZeRO-3 calls torch collectives that torch 2.13 marks deprecated, once per bucket and
         # step: hundreds of identical lines that bury the progress bar. Nothing for a user to act on.
         warnings.filterwarnings("ignore", category=FutureWarning,

@@ -200,3 +200,49 @@ def test_a_teacher_without_tokenizer_files_is_still_checked_against_the_data(pre
     proc = stage("cache", "--data", prepared_tiny, "--teacher", bare, "--out", tmp_path / "store", "--layers", "1")
     assert proc.returncode == 2 and "no tokenizer files" in proc.stderr and "eos" in proc.stderr
     assert not (tmp_path / "store").exists()
+
+
+def _ranks_of(out: Path) -> list[int]:
+    """Live processes whose command line names `out` (the ranks of a run into it)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if str(out) in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_killing_the_launcher_takes_its_ranks_down_and_a_live_run_holds_its_folder(prepared_tiny, tmp_path):
+    """SIGKILL of `train --nproc 2` leaves no rank running; while a run lives, another run into its --out is
+    refused naming it; a mistake under --nproc 2 is said once, with exit 2 and no traceback."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(PYTHONPATH=str(ROOT))
+    launcher = subprocess.Popen([sys.executable, "-m", "stages.train", "--nproc", "2",
+                                 *map(str, sft_args(prepared_tiny, out, "--max_steps", "100000", "--valid_split", ""))],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (out / "metrics.jsonl").exists(), "the run did not start"
+    second = stage("train", *sft_args(prepared_tiny, out, "--max_steps", "5", "--resume"))
+    assert second.returncode == 2 and "in use by a live train run (pid" in second.stderr, second.stderr[-1500:]
+    assert len(_ranks_of(out)) >= 2
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while _ranks_of(out) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _ranks_of(out), "ranks outlived their launcher"
+
+    proc = stage("train", "--nproc", "2", *sft_args(prepared_tiny, tmp_path / "other", "--max_steps", "1",
+                                                    "--train_split", "nope"))
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "nope" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

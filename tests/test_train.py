@@ -2,7 +2,7 @@
 
 One single-process driver trains several runs in one interpreter (imports and DeepSpeed's setup are paid once):
 ZeRO 0-3 in fp32 from one seed, online teacher vs stored features, a stop-and-resume with dropout on, ZeRO-3
-projection heads, top-k KD. Then real launches: `--nproc 2` (two torchrun ranks) killed with SIGKILL after a
+projection heads, top-k KD. Then real launches: `--nproc 2` (two local ranks) killed with SIGKILL after a
 checkpoint, resumed by two single-rank launcher invocations forming a two-node job on 127.0.0.1; its losses
 must equal the single-rank run at the same global batch, and it must leave TensorBoard logs, a manifest and a
 consolidated model.

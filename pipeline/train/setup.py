@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from pipeline.data.prepared import PreparedData, TokenDataset
 from pipeline.errors import ConfigError
 from pipeline.features.store import FeatureStore
-from pipeline.io import check_folder_is_ours
+from pipeline.io import check_folder_is_ours, hold_folder_lock
 from pipeline.models import (
     FINAL, LMHead, activation_bytes, count_parameters, load_frozen_teacher, load_model, model_config,
     model_fingerprint, model_shape,
@@ -68,6 +68,7 @@ class Run:
     total_steps: int
     inputs: dict[str, Any]
     ds_config: dict[str, Any]
+    lock: Any = None  # OUT/.lock, held by rank 0 while the run lives
 
 
 RUN_FILES = {"checkpoints", "tb", "metrics.jsonl", "config.yaml", "ds_config.json", "model", "manifest.json",
@@ -229,6 +230,10 @@ def setup(cfg: TrainConfig, plan: Plan | None = None) -> Run:
     """The process group, models and the DeepSpeed engine of checked inputs (`plan_run(cfg)` unless given)."""
     plan = plan or plan_run(cfg)
     dist = ensure_dist_env()
+    lock = None
+    if dist.is_main:  # before any engine: a second run into a folder a live run holds stops here
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)  # the run's files are written once --resume is accepted
+        lock = hold_folder_lock(cfg.out, "train")
     import deepspeed
 
     deepspeed.init_distributed(verbose=False)
@@ -266,11 +271,9 @@ def setup(cfg: TrainConfig, plan: Plan | None = None) -> Run:
         valid_set = make_dataset(plan.valid_tokens, plan.valid_store, objective.valid_layers,
                                  topk=objective.kd == "topk")
     out = Path(cfg.out)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)  # the run's files are written once --resume has been accepted
     pad = plan.tokenizer.pad_token_id
     return Run(cfg=cfg, dist=dist, device=device, out=out, engine=engine, stage=stage, objective=objective,
                tokenizer=plan.tokenizer, train_set=train_set, valid_set=valid_set, valid_store=plan.valid_store,
                teacher=teacher, head=head, collate=make_collate(pad, store is not None),
                valid_collate=make_collate(pad, plan.valid_store is not None), steps_per_epoch=steps_per_epoch,
-               total_steps=total_steps, inputs=plan.inputs, ds_config=plan.ds_config)
+               total_steps=total_steps, inputs=plan.inputs, ds_config=plan.ds_config, lock=lock)
