@@ -246,3 +246,24 @@ def test_killing_the_launcher_takes_its_ranks_down_and_a_live_run_holds_its_fold
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert proc.returncode == 2 and len(errors) == 1 and "nope" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_so(prepared_tiny, tmp_path):
+    """A dangling `latest` or a truncated newest checkpoint: --resume takes the one before, saying which and why;
+    geokd's own checkpoint files are JSON, not pickles."""
+    out = tmp_path / "run"
+    args = sft_args(prepared_tiny, out, "--max_steps", "6", "--checkpoint_every", "2", "--keep_checkpoints", "0",
+                    "--valid_split", "")
+    assert stage("train", *args, "--stop_after", "4").returncode == 0
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.glob("step*")) == ["step00000002", "step00000004"]
+    assert not list(root.rglob("rng-rank*.pt")) and json.loads((root / "step00000004" / "rng-rank0.json").read_text())
+    (root / "latest").write_text("step00000009")  # names a checkpoint that is not there
+    states = root / "step00000004" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:1000])  # and the newest one is truncated
+    proc = stage("train", *args, "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not a complete checkpoint" in proc.stdout and "step00000004 cannot be read" in proc.stdout
+    assert "falling back to the previous checkpoint, step00000002" in proc.stdout
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    assert (out / "model" / "config.json").is_file()

@@ -2,8 +2,10 @@
 
 A checkpoint is DeepSpeed's own (engine, optimizer, scheduler; every ZeRO stage) plus what makes a resumed run
 continue exactly: the data position (epoch, optimizer steps done in it) and the run's config in the client
-state, and each rank's RNG states in `rng-rank<r>.pt` beside DeepSpeed's files (dropout draws). The RNG files
-are written before DeepSpeed writes `latest`, so `latest` never points at a checkpoint without them.
+state, and each rank's RNG states in `rng-rank<r>.json` beside DeepSpeed's files (dropout draws; JSON, so no
+file of ours runs code when loaded). The RNG files are written before DeepSpeed writes `latest`, so `latest`
+never points at a checkpoint without them. DeepSpeed's own files are pickles, which torch loads with
+weights_only=False inside DeepSpeed: a checkpoint folder is code, so resume only from your own runs.
 
 The consolidated model is a plain Hugging Face directory (save_pretrained + tokenizer) of the student alone,
 gathered from the live engine: the module's weights for ZeRO 0-2 (every rank holds them whole), layer-by-layer
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.io import usual_modes
+from pipeline.io import read_json, usual_modes, write_json_atomic
 from pipeline.runtime import DistInfo
 
 LATEST = "latest"
@@ -40,19 +42,49 @@ def latest_tag(root: Path) -> str | None:
     return tag if (root / tag).is_dir() else None
 
 
+def complete_tags(root: Path) -> list[str]:
+    """Checkpoints whose DeepSpeed model states were written (oldest first)."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and p.name.startswith("step") and (p / "mp_rank_00_model_states.pt").is_file())
+
+
+def resume_order(root: Path) -> tuple[list[str], str | None]:
+    """The checkpoints to try, newest first (the one `latest` names leads), and a note when `latest` names
+    none of them (a run killed while writing it, or a damaged file)."""
+    tags = complete_tags(root)
+    named = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    if named in tags:
+        return [named] + [t for t in reversed(tags) if t != named], None
+    order = list(reversed(tags))
+    note = None
+    if order and (named is not None or (root / LATEST).exists()):
+        note = (f"{root / LATEST} names {named!r}, which is not a complete checkpoint: resuming from the newest "
+                f"complete one, {order[0]}")
+    return order, note
+
+
+# RNG states as JSON (no pickle: a file placed in a checkpoint folder must not run code on --resume).
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, keys, gauss = random.getstate()
+    name, mt, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {"python": [version, list(keys), gauss], "numpy": [name, mt.tolist(), pos, has_gauss,
+                                                                              cached],
+                             "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, mt, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(mt, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, Any], dist: DistInfo,
@@ -60,7 +92,7 @@ def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, 
     """Write checkpoint `step` under `root` on every rank; prune to the `keep` newest (0 keeps all)."""
     tag = tag_for(step)
     (root / tag).mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), root / tag / f"rng-rank{dist.rank}.pt")
+    write_json_atomic(root / tag / f"rng-rank{dist.rank}.json", _rng_state())
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     if dist.is_main and keep > 0:
         tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
@@ -72,20 +104,44 @@ def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, 
     return root / tag
 
 
-def load_checkpoint(engine: Any, root: Path, dist: DistInfo) -> tuple[str, dict[str, Any]]:
-    """Load the newest checkpoint into `engine`, restore this rank's RNG; return (tag, client state)."""
-    tag = latest_tag(root)
-    if tag is None:
-        raise FileNotFoundError(f"{root}: no checkpoint to resume from")
-    path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+def _load(engine: Any, root: Path, tag: str) -> dict[str, Any]:
+    try:
+        path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+    except Exception as e:  # torch.load of a truncated file says nothing of which file it was
+        files = ", ".join(sorted(p.name for p in (root / tag).iterdir()))
+        raise ConfigError(f"checkpoint {root / tag} cannot be read ({type(e).__name__}: {e}); its files: "
+                          f"{files}") from e
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
-    rng = root / tag / f"rng-rank{dist.rank}.pt"
+        raise ConfigError(f"DeepSpeed could not load checkpoint {root / tag}")
+    return client
+
+
+def load_checkpoint(engine: Any, root: Path, dist: DistInfo) -> tuple[str, dict[str, Any]]:
+    """Load the newest readable checkpoint into `engine`, restore this rank's RNG; return (tag, client state).
+
+    One rank falls back to an older checkpoint when the newest cannot be read, saying so; several ranks stop
+    with a message naming the checkpoint (a rank that fails half-way through DeepSpeed's collective loading
+    cannot rejoin the others)."""
+    order, note = resume_order(root)
+    if not order:
+        raise ConfigError(f"{root}: no complete checkpoint to resume from")
+    if note and dist.is_main:
+        print(f"[train] {note}")
+    for i, tag in enumerate(order):
+        try:
+            client = _load(engine, root, tag)
+            break
+        except ConfigError as e:
+            if dist.world_size > 1 or i == len(order) - 1:
+                raise
+            print(f"[train] {e}\n[train] falling back to the previous checkpoint, {order[i + 1]}")
+    rng = root / tag / f"rng-rank{dist.rank}.json"
     if rng.is_file():
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(read_json(rng))
     elif dist.is_main:
-        print(f"[train] {rng} missing (other number of ranks?): dropout draws will differ from an uninterrupted run")
+        print(f"[train] {rng} missing (other number of ranks, or a checkpoint from before geokd stored RNG states "
+              f"as JSON): dropout draws will differ from an uninterrupted run")
     return tag, client
 
 

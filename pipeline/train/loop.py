@@ -138,7 +138,7 @@ def resume(run: Run) -> DataPosition:
     cfg, dist = run.cfg, run.dist
     state = DataPosition()
     root = run.out / "checkpoints"
-    if cfg.resume and ckpt.latest_tag(root) is not None:
+    if cfg.resume and ckpt.complete_tags(root):
         tag, client = ckpt.load_checkpoint(run.engine, root, dist)
         ckpt.check_resume_config(client["config"], config_to_dict(cfg), RESUME_FREE_FIELDS, root / tag)
         if client["world_size"] != dist.world_size and run.stage > 0:
