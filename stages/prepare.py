@@ -8,6 +8,7 @@ Usage:
         --tokenizer builtin-gpt2 --valid_fraction 0.02
     ./run.sh prepare --data my.jsonl --fields instruction=question output=answer --out runs/mine
     ./run.sh prepare --config prepare.yaml
+    ./run.sh prepare --verify --out runs/dolly         check every file against its manifest's sha256
 
 `--data` takes local JSONL/JSON files (Alpaca/MiniLLM, raw Dolly, Self-Instruct, multi-reference outputs, or any
 fields through `--fields OURS=THEIRS`), `builtin` / `builtin:test`, or a hub dataset name (online machines only).
@@ -25,7 +26,8 @@ from pathlib import Path
 from pipeline.config import config_to_dict, stage_main
 from pipeline.data.config import LOCATION_FIELDS, PrepareConfig, check_config
 from pipeline.data.prepared import (
-    MANIFEST_KIND, claim_output_dir, finish_output_dir, length_stats, split_samples, tokenize_examples, write_split,
+    MANIFEST_KIND, PreparedData, claim_output_dir, finish_output_dir, length_stats, split_samples, tokenize_examples,
+    write_split,
 )
 from pipeline.data.sources import parse_field_map, read_source
 from pipeline.data.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -37,6 +39,10 @@ def run(config: PrepareConfig) -> Path:
     start = time.time()
     out = Path(config.out)
     check_config(config)
+    if config.verify:
+        info = PreparedData(out).verify()
+        print(f"[prepare] {out}: OK, {info['files']} files of {info['splits']} split(s) match their sha256")
+        return out
 
     # 1. Read every source and the tokenizer: enough to know what this run would produce.
     field_map = parse_field_map(config.fields)

@@ -267,3 +267,24 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_so(prepared_
     assert "falling back to the previous checkpoint, step00000002" in proc.stdout
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
     assert (out / "model" / "config.json").is_file()
+
+
+def test_a_flipped_bit_in_a_token_shard_is_caught_by_cache_train_and_verify(prepared_tiny, tmp_path):
+    """Prepared token shards are checked against their manifest's sha256 whenever they are opened (cache,
+    train), and `prepare --verify` lists every damaged file."""
+    import shutil
+
+    prep = tmp_path / "prep"
+    shutil.copytree(prepared_tiny, prep)
+    assert stage("prepare", "--verify", "--out", prep).returncode == 0
+    shard = prep / "train" / "shard-00001.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 0x01  # inside the token ids
+    shard.write_bytes(bytes(raw))
+    for name, args in (("cache", ["--data", prep, "--teacher", "preset:tiny-teacher", "--out", tmp_path / "s",
+                                  "--layers", "1"]),
+                       ("train", sft_args(prep, tmp_path / "run", "--max_steps", "1"))):
+        proc = stage(name, *args)
+        assert proc.returncode == 2 and "shard-00001.safetensors: sha256 differs" in proc.stderr, proc.stderr[-999:]
+    proc = stage("prepare", "--verify", "--out", prep)
+    assert proc.returncode == 2 and "1 of 6 files damaged" in proc.stderr and "shard-00001" in proc.stderr

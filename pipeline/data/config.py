@@ -12,8 +12,9 @@ LOCATION_FIELDS = ("data", "out", "tokenizer")
 
 @dataclass
 class PrepareConfig:
-    data: list[str] = field(metadata={"help": "JSONL/JSON files, 'builtin[:train|test]', or a hub dataset name"})
-    out: str = field(metadata={"help": "output folder (created; never overwritten)"})
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "JSONL/JSON files, 'builtin[:train|test]', or a hub dataset name"})
+    out: str = field(default="", metadata={"help": "output folder (created; never overwritten)"})
     tokenizer: str = field(default="builtin-gpt2",
                            metadata={"help": "tokenizer or model dir, 'builtin-gpt2' or 'builtin-tiny'"})
     fields: list[str] = field(default_factory=list,
@@ -29,10 +30,18 @@ class PrepareConfig:
     limit: int = field(default=0, metadata={"help": "use only the first N examples (0 = all)"})
     shard_size: int = field(default=20000, metadata={"help": "samples per shard"})
     split: str = field(default="train", metadata={"help": "name of the main split (e.g. 'test' for an eval set)"})
+    verify: bool = field(default=False, metadata={
+        "help": "only verify --out: every shard and records file against the sha256 in its manifest"})
 
 
 def check_config(config: PrepareConfig) -> None:
     """Checked before the output folder is touched, so a typo never leaves a half-made folder behind."""
+    if not config.out:
+        raise ConfigError("--out is required")
+    if config.verify:
+        return
+    if not config.data:
+        raise ConfigError("--data is required (JSONL/JSON files, 'builtin', or a hub dataset name)")
     if config.shard_size < 1 or config.limit < 0:
         raise ConfigError("shard_size must be >= 1 and limit >= 0")
     if not config.split or "/" in config.split or config.split.startswith("."):
