@@ -24,7 +24,7 @@ from eval.scoring import aggregate, score_all
 from pipeline.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import atomic_path, check_folder_is_ours, read_json, write_json_atomic
-from pipeline.models import quick_model_fingerprint
+from pipeline.models import check_causal_lm_dir, quick_model_fingerprint
 from pipeline.runtime import (
     barrier, broadcast_object, destroy_process_group, dist_info, gather_lists, init_process_group, pick_device,
     torch_dtype,
@@ -158,8 +158,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     if not config.models:
         raise ConfigError("models: give at least one model directory (--models DIR [DIR ...])")
     for model_dir in config.models:
-        if not (Path(model_dir) / "config.json").is_file():
-            raise ConfigError(f"model {model_dir}: not a Hugging Face model directory (no config.json)")
+        check_causal_lm_dir(model_dir, need_tokenizer=not config.tokenizer)
     info = dist_info()
     started_dist = init_process_group(info.world_size)
     device = pick_device(info.local_rank)

@@ -78,6 +78,10 @@ def load_model(spec: str, *, tokenizer: PreTrainedTokenizerBase | None = None, d
             f"model {spec!r}: not a model directory with config.json, not a preset "
             f"(preset:{', preset:'.join(PRESETS)}), and not a hub name (org/name)"
         )
+    if (path / "config.json").is_file():
+        check_causal_lm_dir(path)
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+            raise ConfigError(f"model {path}: no weights (*.safetensors or *.bin) beside its config.json")
     local = (path / "config.json").is_file() or hub_offline()
     try:
         model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=local, dtype=dtype)
@@ -124,8 +128,33 @@ def model_shape(spec: str, option: str) -> tuple[int, int]:
     cfg_path = Path(spec) / "config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"--{option} {spec}: not a model directory with config.json, and not preset:NAME")
+    check_causal_lm_dir(spec)
     c = read_json(cfg_path)
     return int(c["hidden_size"]), int(c["num_hidden_layers"])
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def check_causal_lm_dir(path: str | Path, need_tokenizer: bool = False) -> None:
+    """Refuse a model dir that is not a causal LM (a ViT, a BERT encoder) or, with `need_tokenizer`, that has no
+    tokenizer files (transformers would build an empty tokenizer from the config alone)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model {path}: not a Hugging Face model directory (no config.json)")
+    config = read_json(path / "config.json")
+    architectures = config.get("architectures") or []
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = [a for a in architectures if "CausalLM" in a or a.endswith("LMHeadModel")]
+    if (architectures and not causal) or config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES \
+            or config.get("is_encoder_decoder"):
+        listed = ", ".join(architectures) or "no architectures listed"
+        raise ConfigError(f"model {path}: a {config.get('model_type')!r} model ({listed}), not a causal LM: geokd "
+                          f"distils and scores causal LMs")
+    if need_tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"model {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass --tokenizer "
+                          f"DIR")
 
 
 def model_config(spec: str, tokenizer: PreTrainedTokenizerBase | None = None):

@@ -288,3 +288,32 @@ def test_a_flipped_bit_in_a_token_shard_is_caught_by_cache_train_and_verify(prep
         assert proc.returncode == 2 and "shard-00001.safetensors: sha256 differs" in proc.stderr, proc.stderr[-999:]
     proc = stage("prepare", "--verify", "--out", prep)
     assert proc.returncode == 2 and "1 of 6 files damaged" in proc.stderr and "shard-00001" in proc.stderr
+
+
+def test_eval_and_train_refuse_what_is_not_a_usable_causal_lm(prepared_tiny, tiny_pair, tmp_path):
+    """A BERT encoder, a vision model, a dir without weights or without a tokenizer: each is a one-line message
+    (exit 2) from eval and train, never a traceback or a score."""
+    import shutil
+
+    from transformers import BertConfig, BertForMaskedLM, ViTConfig, ViTModel
+
+    bert, vit = tmp_path / "bert", tmp_path / "vit"
+    BertForMaskedLM(BertConfig(vocab_size=99, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(bert)
+    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       image_size=8, patch_size=4)).save_pretrained(vit)
+    no_tok, no_weights = tmp_path / "no_tokenizer", tmp_path / "no_weights"
+    no_tok.mkdir()
+    no_weights.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_pair.student / f, no_tok / f)
+    shutil.copy(tiny_pair.student / "config.json", no_weights / "config.json")
+    bench = prepared_tiny / "valid" / "records.jsonl"
+    for model, words in ((bert, "not a causal LM"), (vit, "not a causal LM"), (no_tok, "no tokenizer files")):
+        proc = stage("eval", "--models", model, "--benchmarks", bench, "--field_map", "output=references",
+                     "--greedy", "--out", tmp_path / "eval")
+        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-999:]
+    for model, words in ((bert, "not a causal LM"), (no_weights, "no weights")):
+        proc = stage("train", "--mode", "sft", "--data", prepared_tiny, "--student", model, "--out",
+                     tmp_path / "run", "--max_steps", "1")
+        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-999:]
