@@ -6,6 +6,7 @@ exit status 2 (`run_stage`); any other exception is a bug and keeps its tracebac
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Callable
@@ -33,9 +34,10 @@ class TrainingDiverged(GeokdError, RuntimeError):
     """Training reached a non-finite loss: the message says at which step and what to change."""
 
 
-# OS errors about a path the user named (a missing input, an output that exists, an unwritable folder) are
-# mistakes too, not bugs: their message already carries the path.
+# OS errors about a path the user named (a missing input, an output that exists, an unwritable or full
+# folder) are the user's to fix, not bugs: their message carries the path.
 _USER_OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def os_error_message(error: OSError) -> str:
@@ -51,7 +53,9 @@ def run_stage(name: str, body: Callable[[], int | None]) -> int:
         return int(body() or 0)
     except GeokdError as e:
         message = str(e)
-    except _USER_OS_ERRORS as e:
+    except OSError as e:
+        if not isinstance(e, _USER_OS_ERRORS) and e.errno not in _USER_ERRNOS:
+            raise
         message = os_error_message(e)
     except KeyboardInterrupt:
         print(f"[{name}] interrupted", file=sys.stderr)

@@ -121,7 +121,9 @@ def read_json(path: str | Path) -> Any:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from e
+        raise DataError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
 def read_jsonl(path: str | Path, raw: bytes | None = None) -> list[tuple[int, Any]]:

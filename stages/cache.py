@@ -142,7 +142,12 @@ def verify(out: Path) -> int:
             raise StoreError(f"{out}: not finished, {left} of {len(plan['units'])} units still to cache; rerun the "
                              f"cache command to resume")
         raise StoreError(f"{out}: no feature store here ({MANIFEST} missing)")
-    problems = verify_files(out, read_json(out / MANIFEST))
+    manifest = read_json(out / MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("kind") != "geokd.features" or "shards" not in manifest:
+        raise StoreError(f"{out / MANIFEST}: not a feature-store manifest (kind "
+                         f"{manifest.get('kind') if isinstance(manifest, dict) else None!r}); it was overwritten: "
+                         f"delete it and rerun the cache command to rebuild it from the shards' sidecars")
+    problems = verify_files(out, manifest)
     if problems:
         print(f"[cache] {out}: {len(problems)} problem(s):\n  " + "\n  ".join(problems)
               + f"\n[cache] to repair: delete {out / MANIFEST} and rerun the cache command; damaged units are "

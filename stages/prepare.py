@@ -31,7 +31,7 @@ from pipeline.data.prepared import (
 )
 from pipeline.data.sources import parse_field_map, read_source
 from pipeline.data.tokenizer import load_tokenizer, tokenizer_fingerprint
-from pipeline.errors import DataError
+from pipeline.errors import DataError, GeokdError
 from pipeline.io import sha256_json
 
 
@@ -72,7 +72,11 @@ def run(config: PrepareConfig) -> Path:
     if not samples:
         raise DataError(f"no samples left out of {len(examples)} examples (dropped: {report['dropped']})")
     splits = split_samples(samples, config.valid_fraction, config.valid_size, config.seed, config.split)
-    tok.save_pretrained(out / "tokenizer")
+    try:
+        tok.save_pretrained(out / "tokenizer")
+    except Exception as e:  # the tokenizers library reports a full disk as a plain Exception ("... (os error 28)")
+        raise GeokdError(f"cannot write {out / 'tokenizer'}: {e}; free space and rerun (the unfinished folder is "
+                         f"cleared then)") from e
     manifest = dict(planned)
     manifest["splits"] = {name: write_split(out, name, part, config.shard_size) for name, part in splits.items()}
     manifest["counts"] = {"records": sum(s.records for s in sources), **report,

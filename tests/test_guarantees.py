@@ -317,3 +317,54 @@ def test_eval_and_train_refuse_what_is_not_a_usable_causal_lm(prepared_tiny, tin
         proc = stage("train", "--mode", "sft", "--data", prepared_tiny, "--student", model, "--out",
                      tmp_path / "run", "--max_steps", "1")
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-999:]
+
+
+def test_a_misspelt_or_unknown_deepspeed_key_is_named_with_its_nearest_spelling(tmp_path):
+    """A ds_config typo (top level, inside zero_optimization or optimizer.params) is an error naming the key and
+    what it probably meant, not a pydantic traceback or a silently ignored setting."""
+    from pipeline.errors import ConfigError
+    from pipeline.train.ds_config import EngineSettings, load_ds_config, resolve_ds_config
+
+    settings = EngineSettings(micro_batch_size=2, grad_accum=1, world_size=1, grad_clip=1.0, lr=1e-4,
+                              betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, precision="fp32", hidden_size=64)
+    for where, key, meant in ((None, "gradient_clippping", "gradient_clipping"),
+                              ("zero_optimization", "reduce_bucket_sise", "reduce_bucket_size"),
+                              ("params", "weight_decy", "weight_decay")):
+        raw = load_ds_config(ROOT / "ds_configs" / "zero2.json")
+        target = raw if where is None else raw[where] if where != "params" else raw["optimizer"]["params"]
+        target[key] = 1
+        with pytest.raises(ConfigError, match=f"unknown key .*{key}'; did you mean '{meant}'"):
+            resolve_ds_config(raw, settings, origin="my.json")
+
+
+def test_verify_on_an_overwritten_manifest_and_a_full_disk_are_messages(prepared_tiny, tiny_pair, tmp_path):
+    """cache --verify on a store whose manifest was overwritten, and prepare on a disk that fills up, each end in
+    one line naming the file (exit 2), not a traceback."""
+    import resource
+
+    store = tmp_path / "store"
+    assert stage("cache", "--data", prepared_tiny, "--teacher", tiny_pair.teacher, "--out", store, "--layers", "1",
+                 "--progress", "false").returncode == 0
+    (store / "manifest.json").write_text('{"kind": "something else"}')
+    proc = stage("cache", "--verify", "--out", store)
+    assert proc.returncode == 2 and "not a feature-store manifest" in proc.stderr and "Traceback" not in proc.stderr
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(PYTHONPATH=str(ROOT))
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # noqa: E731  (files > 20 kB fail)
+    proc = subprocess.run([sys.executable, "-m", "stages.prepare", "--data", "builtin", "--out", str(tmp_path / "p"),
+                           "--tokenizer", "builtin-tiny"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          preexec_fn=limit, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    assert "File too large" in proc.stderr or "No space" in proc.stderr
+
+
+def test_a_zero2_checkpoint_of_two_ranks_is_refused_on_one_before_anything_loads(prepared_tiny, tmp_path):
+    """Resuming a 2-rank ZeRO-2 checkpoint on 1 rank is refused with the rank counts, not DeepSpeed's traceback."""
+    out = tmp_path / "run"
+    args = sft_args(prepared_tiny, out, "--max_steps", "4", "--ds_config", "ds_configs/zero2.json", "--valid_split",
+                    "")
+    proc = stage("train", "--nproc", "2", *args, "--stop_after", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "checkpoints" / "step00000002" / "geokd.json").read_text())["world_size"] == 2
+    proc = stage("train", *args, "--resume")
+    assert proc.returncode == 2 and "written by 2 ranks" in proc.stderr and "Traceback" not in proc.stderr

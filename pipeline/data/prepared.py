@@ -130,8 +130,12 @@ def write_split(out: Path, name: str, samples: Sequence[Sample], shard_size: int
             "sample_ids": np.array([s.sample_id for s in chunk], dtype=np.int64),
         }
         rel = f"{name}/shard-{len(shards):05d}.safetensors"
-        with atomic_path(out / rel) as tmp:
-            save_file(tensors, str(tmp))
+        try:
+            with atomic_path(out / rel) as tmp:
+                save_file(tensors, str(tmp))
+        except Exception as e:  # OSError, or safetensors' own error wrapping ENOSPC/EFBIG
+            raise DataError(f"cannot write {out / rel}: {e}; free space and rerun (the unfinished folder is cleared "
+                            f"then)") from e
         shards.append({"file": rel, "samples": len(chunk), "tokens": int(lengths.sum()),
                        "sha256": sha256_file(out / rel)})
     rel = f"{name}/records.jsonl"

@@ -28,6 +28,12 @@ from pipeline.io import read_json, usual_modes, write_json_atomic
 from pipeline.runtime import DistInfo
 
 LATEST = "latest"
+STATE_FILE = "geokd.json"  # the run's data position, world size and config, beside DeepSpeed's files
+
+
+def saved_state(folder: Path) -> dict[str, Any] | None:
+    """The geokd state of a checkpoint folder (None for checkpoints written before it existed)."""
+    return read_json(folder / STATE_FILE) if (folder / STATE_FILE).is_file() else None
 
 
 def tag_for(step: int) -> str:
@@ -93,6 +99,8 @@ def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, 
     tag = tag_for(step)
     (root / tag).mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / tag / f"rng-rank{dist.rank}.json", _rng_state())
+    if dist.is_main:  # readable before DeepSpeed loads anything (and without unpickling)
+        write_json_atomic(root / tag / STATE_FILE, client_state)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
     if dist.is_main and keep > 0:
         tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))

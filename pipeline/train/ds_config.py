@@ -77,6 +77,44 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _known_top_level() -> set[str]:
+    import deepspeed.runtime.constants as constants
+
+    names = {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str) and v.isidentifier()}
+    return names | {"zero_optimization", "optimizer", "scheduler", "activation_checkpointing", "flops_profiler",
+                    "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger", "aio", "compression_training",
+                    "data_efficiency", "elasticity", "autotuning", "amp", "sparse_attention", "pipeline",
+                    "curriculum_learning", "nebula", "weight_quantization", "hybrid_engine", "compile", "timers",
+                    "monitor_config", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer"}
+
+
+def check_keys(cfg: dict[str, Any], origin: str) -> None:
+    """Name what DeepSpeed would reject with a pydantic traceback (unknown ZeRO or AdamW keys) or silently ignore
+    (a misspelt top-level key), with the nearest valid spelling."""
+    import difflib
+    import inspect
+
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    def refuse(where: str, key: str, known: set[str]) -> None:
+        near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+        raise ConfigError(f"{origin}: unknown key {where}{key!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
+
+    top = _known_top_level()
+    for key in cfg:
+        if key not in top and difflib.get_close_matches(key, sorted(top), n=1, cutoff=0.8):
+            refuse("", key, top)
+    zero_known = {n for n, f in DeepSpeedZeroConfig.model_fields.items()} | {
+        f.alias for f in DeepSpeedZeroConfig.model_fields.values() if f.alias}
+    for key in cfg.get("zero_optimization") or {}:
+        if key not in zero_known:
+            refuse("zero_optimization.", key, zero_known)
+    adam_known = set(inspect.signature(torch.optim.AdamW).parameters) - {"params"} | {"torch_adam", "adam_w_mode"}
+    for key in (cfg.get("optimizer") or {}).get("params") or {}:
+        if key not in adam_known:
+            refuse("optimizer.params.", key, adam_known)
+
+
 def _default_precision() -> str:
     # bf16 where the hardware has it (no loss scaling to tune); fp32 on CPUs, where DeepSpeed's half paths are slow
     # and the tests compare trajectories.
@@ -102,6 +140,7 @@ def resolve_ds_config(raw: dict[str, Any], settings: EngineSettings, origin: str
     """A complete DeepSpeed config: "auto" filled from `settings`, explicit values checked against them. Choices
     a user should hear about (the ZeRO stage of "auto") are appended to `notes`."""
     cfg = copy.deepcopy(raw)
+    check_keys(cfg, origin)
     s = settings
     if "scheduler" in cfg:
         raise ConfigError(

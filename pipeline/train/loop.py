@@ -139,11 +139,13 @@ def resume(run: Run) -> DataPosition:
     state = DataPosition()
     root = run.out / "checkpoints"
     if cfg.resume and ckpt.complete_tags(root):
+        # Checked from the JSON state before DeepSpeed reads anything: a refused resume loads nothing.
+        newest = ckpt.resume_order(root)[0][0]
+        saved = ckpt.saved_state(root / newest)
+        if saved is not None:
+            _check_resumable(run, saved, root / newest)
         tag, client = ckpt.load_checkpoint(run.engine, root, dist)
-        ckpt.check_resume_config(client["config"], config_to_dict(cfg), RESUME_FREE_FIELDS, root / tag)
-        if client["world_size"] != dist.world_size and run.stage > 0:
-            raise ConfigError(f"{root / tag} was written by {client['world_size']} ranks and ZeRO-{run.stage} "
-                              f"partitions its optimizer state by rank; resume with {client['world_size']} ranks")
+        _check_resumable(run, client, root / tag)
         state = DataPosition(**client["data_position"])
         if dist.is_main:
             print(f"[train] resumed from {root / tag} at step {state.global_step} (epoch {state.epoch}, "
@@ -159,6 +161,14 @@ def write_run_files(run: Run) -> None:
     if run.dist.is_main:
         save_config(run.cfg, run.out / "config.yaml")
         write_json_atomic(run.out / "ds_config.json", run.ds_config)
+
+
+def _check_resumable(run: Run, client: dict[str, Any], where: Path) -> None:
+    ckpt.check_resume_config(client["config"], config_to_dict(run.cfg), RESUME_FREE_FIELDS, where)
+    if client["world_size"] != run.dist.world_size and run.stage > 0:
+        raise ConfigError(f"{where} was written by {client['world_size']} ranks and ZeRO-{run.stage} partitions "
+                          f"its optimizer state by rank; resume with {client['world_size']} ranks (this run has "
+                          f"{run.dist.world_size})")
 
 
 def stop_step(run: Run, state: DataPosition) -> int:
