@@ -126,6 +126,19 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def read_jsonl(path: str | Path, raw: bytes | None = None) -> list[tuple[int, Any]]:
     """(line number, value) of every non-blank line of a JSONL file; a DataError names the file and line of the
     first line that is not UTF-8 or not JSON. Lines end at "\n" only: JSON strings may hold U+2028 and friends."""
@@ -145,7 +158,9 @@ def read_jsonl(path: str | Path, raw: bytes | None = None) -> list[tuple[int, An
         if not line.strip():
             continue
         try:
-            rows.append((number, json.loads(line)))
+            rows.append((number, json.loads(line, object_pairs_hook=_unique_keys)))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{number}: not valid JSON: {e.msg} (column {e.colno})") from None
+        except _DuplicateKey as e:
+            raise DataError(f"{path}:{number}: field {e.args[0]!r} appears twice in one record") from None
     return rows

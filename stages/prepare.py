@@ -19,6 +19,7 @@ error. A run that was killed is redone from scratch on the next run.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,8 +27,8 @@ from pathlib import Path
 from pipeline.config import config_to_dict, stage_main
 from pipeline.data.config import LOCATION_FIELDS, PrepareConfig, check_config
 from pipeline.data.prepared import (
-    MANIFEST_KIND, PreparedData, claim_output_dir, finish_output_dir, length_stats, split_samples, tokenize_examples,
-    write_split,
+    MANIFEST_KIND, PreparedData, claim_output_dir, count_duplicates, finish_output_dir, length_stats, split_samples,
+    tokenize_examples, write_split,
 )
 from pipeline.data.sources import parse_field_map, read_source
 from pipeline.data.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -62,24 +63,44 @@ def run(config: PrepareConfig) -> Path:
                       "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id},
         "config": config_to_dict(config),
     }
+    fresh = not out.exists()
     if not claim_output_dir(out, planned):
         print(f"[prepare] {out} is up to date (fingerprint {planned['fingerprint'][:12]}); nothing to do")
         return out
+    try:
+        return write_prepared(config, out, planned, examples, sum(s.records for s in sources), tok, start)
+    except BaseException:
+        # The folder was empty or our own unfinished run (claim_output_dir checked): leave nothing behind.
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for p in out.iterdir():
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink()
+        raise
 
-    # 2. Tokenize, split, write; the manifest goes last.
+
+def write_prepared(config: PrepareConfig, out: Path, planned: dict, examples: list, n_records: int, tok,
+                   start: float) -> Path:
+    """2. Tokenize, split, write; the manifest goes last."""
     samples, report = tokenize_examples(examples, tok, config.max_prompt_len, config.max_len,
                                         config.prompt_overflow)
     if not samples:
         raise DataError(f"no samples left out of {len(examples)} examples (dropped: {report['dropped']})")
+    report["duplicates"] = count_duplicates(samples)
+    if report["duplicates"]:
+        print(f"[prepare] warning: {report['duplicates']:,} samples repeat an earlier one (same prompt and "
+              f"references); they are kept, and all copies of one land in the same split")
     splits = split_samples(samples, config.valid_fraction, config.valid_size, config.seed, config.split)
     try:
         tok.save_pretrained(out / "tokenizer")
     except Exception as e:  # the tokenizers library reports a full disk as a plain Exception ("... (os error 28)")
-        raise GeokdError(f"cannot write {out / 'tokenizer'}: {e}; free space and rerun (the unfinished folder is "
-                         f"cleared then)") from e
+        raise GeokdError(f"cannot write {out / 'tokenizer'}: {e}; nothing was left behind") from e
     manifest = dict(planned)
     manifest["splits"] = {name: write_split(out, name, part, config.shard_size) for name, part in splits.items()}
-    manifest["counts"] = {"records": sum(s.records for s in sources), **report,
+    manifest["counts"] = {"records": n_records, **report,
                           "splits": {name: len(part) for name, part in splits.items()}}
     manifest["stats"] = {name: length_stats(part) for name, part in splits.items()}
     manifest["wall_s"] = round(time.time() - start, 2)
@@ -98,7 +119,8 @@ def print_summary(out: Path, m: dict) -> None:
         print(f"  source {s['spec']}: {s['format']}, {s['records']:,} records, sha256 {s['sha256'][:12]}")
     print(f"  truncated: {c['truncated']['prompt']:,} prompts (to {cfg['max_prompt_len']} tokens, "
           f"{cfg['prompt_overflow']}), {c['truncated']['response']:,} responses (to {cfg['max_len']} in total)")
-    print("  dropped: " + (", ".join(f"{n:,} {why}" for why, n in c["dropped"].items() if n) or "none"))
+    print("  dropped: " + (", ".join(f"{n:,} {why}" for why, n in c["dropped"].items() if n) or "none")
+          + (f"; {c['duplicates']:,} duplicates kept, each group in one split" if c.get("duplicates") else ""))
     for name, entry in m["splits"].items():
         print(f"  {name}: {entry['samples']:,} samples, {entry['tokens']:,} tokens, {len(entry['shards'])} shard(s)")
         for part, st in m["stats"][name].items():

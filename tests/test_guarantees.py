@@ -368,3 +368,49 @@ def test_a_zero2_checkpoint_of_two_ranks_is_refused_on_one_before_anything_loads
     assert json.loads((out / "checkpoints" / "step00000002" / "geokd.json").read_text())["world_size"] == 2
     proc = stage("train", *args, "--resume")
     assert proc.returncode == 2 and "written by 2 ranks" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records))
+    return path
+
+
+def test_prepare_reads_valid_jsonl_and_names_the_odd_record(tmp_path):
+    """A raw U+2028 inside a string is valid JSONL (prepare and eval agree); a Dolly record among Alpaca ones is
+    named by its line, and so is a field that appears twice in one record."""
+    ok = [{"instruction": f"Say {i}\u2028now.", "output": f"{i}"} for i in range(5)]
+    assert stage("prepare", "--data", _jsonl(tmp_path / "u2028.jsonl", ok), "--out", tmp_path / "a",
+                 "--tokenizer", "builtin-tiny").returncode == 0
+    mixed = ok[:3] + [{"instruction": "x", "context": "", "response": "y", "category": "qa"}] + ok[3:]
+    proc = stage("prepare", "--data", _jsonl(tmp_path / "mixed.jsonl", mixed), "--out", tmp_path / "b",
+                 "--tokenizer", "builtin-tiny")
+    assert proc.returncode == 2 and "mixed.jsonl:4: a dolly record in a file whose first record" in proc.stderr
+    dup = ['{"instruction": "a", "instruction": "b", "output": "c"}']
+    proc = stage("prepare", "--data", _jsonl(tmp_path / "dup.jsonl", dup), "--out", tmp_path / "c",
+                 "--tokenizer", "builtin-tiny")
+    assert proc.returncode == 2 and "dup.jsonl:1: field 'instruction' appears twice" in proc.stderr
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_duplicates_are_reported_and_never_straddle_train_and_valid(tmp_path):
+    """Repeated records are kept with a warning, and every copy of one lands in the same split."""
+    records = [{"instruction": f"Name {i % 7}.", "output": f"{i % 7}"} for i in range(40)]
+    out = tmp_path / "p"
+    proc = stage("prepare", "--data", _jsonl(tmp_path / "d.jsonl", records), "--out", out, "--tokenizer",
+                 "builtin-tiny", "--valid_size", "3")
+    assert proc.returncode == 0 and "33 samples repeat an earlier one" in proc.stdout
+    from pipeline.data.prepared import PreparedData
+
+    data = PreparedData(out)
+    train = {r["prompt"] for r in data.records("train")}
+    valid = {r["prompt"] for r in data.records("valid")}
+    assert valid and not train & valid
+
+
+def test_a_refused_valid_size_leaves_no_folder_behind(tmp_path):
+    """--valid_size as large as the data is an error, and the --out it would have made does not exist after."""
+    records = [{"instruction": f"Say {i}.", "output": f"{i}"} for i in range(5)]
+    proc = stage("prepare", "--data", _jsonl(tmp_path / "d.jsonl", records), "--out", tmp_path / "p",
+                 "--tokenizer", "builtin-tiny", "--valid_size", "5")
+    assert proc.returncode == 2 and "leaves no training samples" in proc.stderr
+    assert not (tmp_path / "p").exists()

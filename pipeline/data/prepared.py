@@ -97,9 +97,30 @@ def split_samples(samples: list[Sample], valid_fraction: float = 0.0, valid_size
         return {main: samples}
     if main == "valid":
         raise ConfigError("the main split cannot be called 'valid' when a validation set is split off")
-    chosen = set(np.random.default_rng(seed).permutation(len(samples))[:n_valid].tolist())
+    # Copies of one record (same prompt and references) go to the same side, so validation never scores what
+    # training saw; without duplicates this is the plain first n_valid of the seeded permutation.
+    groups: dict[tuple, list[int]] = {}
+    for i, smp in enumerate(samples):
+        groups.setdefault(content_key(smp), []).append(i)
+    chosen: set[int] = set()
+    for i in np.random.default_rng(seed).permutation(len(samples)).tolist():
+        if len(chosen) >= n_valid:
+            break
+        chosen.update(groups[content_key(samples[i])])
+    if len(chosen) >= len(samples):
+        raise ConfigError(f"a validation set of {n_valid} leaves no training samples out of {len(samples)} "
+                          f"(duplicates are kept on one side)")
     return {main: [s for i, s in enumerate(samples) if i not in chosen],
             "valid": [s for i, s in enumerate(samples) if i in chosen]}
+
+
+def content_key(sample: Sample) -> tuple:
+    return (sample.prompt, tuple(sample.references))
+
+
+def count_duplicates(samples: Sequence[Sample]) -> int:
+    """Samples that repeat an earlier one's prompt and references."""
+    return len(samples) - len({content_key(s) for s in samples})
 
 
 def length_stats(samples: Sequence[Sample]) -> dict[str, dict[str, float]]:
@@ -134,8 +155,7 @@ def write_split(out: Path, name: str, samples: Sequence[Sample], shard_size: int
             with atomic_path(out / rel) as tmp:
                 save_file(tensors, str(tmp))
         except Exception as e:  # OSError, or safetensors' own error wrapping ENOSPC/EFBIG
-            raise DataError(f"cannot write {out / rel}: {e}; free space and rerun (the unfinished folder is cleared "
-                            f"then)") from e
+            raise DataError(f"cannot write {out / rel}: {e}; nothing was left behind") from e
         shards.append({"file": rel, "samples": len(chunk), "tokens": int(lengths.sum()),
                        "sha256": sha256_file(out / rel)})
     rel = f"{name}/records.jsonl"

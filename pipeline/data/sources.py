@@ -176,6 +176,19 @@ def _rows_to_examples(spec: str, rows: list[dict], keys_per_row: list[set[str]],
         fmt = _detect_format(set().union(*keys_per_row), field_map)
     except DataError as e:
         raise DataError(f"{spec}: {e}") from None
+    if not field_map:  # one format a file: name the first record of another format, not line 1
+        first: tuple[str, str] | None = None
+        for keys, where in zip(keys_per_row, wheres):
+            try:
+                this = _detect_format(keys, field_map)
+            except DataError:
+                continue  # no format's fields at all: the row's own parse names what it lacks
+            if first is None:
+                first = (this, where)
+            elif this != first[0]:
+                raise DataError(f"{where}: a {this} record in a file whose first record ({first[1]}) is "
+                                f"{first[0]}; one format a file (or map the fields with --fields)")
+        fmt = first[0] if first else fmt
     examples: list[Example] = []
     for row, keys, where in zip(rows, keys_per_row, wheres):
         examples.extend(_examples_from_row(row, keys, fmt, field_map, where))
