@@ -3,7 +3,8 @@
 A benchmark is named one of three ways:
 - a registry name (`dolly`, `self_inst`, `vicuna`, `sinst`, `uinst`): a file in the data folder;
 - a path to a JSONL file, with an optional field mapping (`output=answer`) when its fields have other names;
-- `hub:NAME[:SPLIT]`: a Hugging Face dataset, when the machine is online (or the set is in the local hub cache).
+- `hub:NAME[:SPLIT]`: a Hugging Face dataset, when the machine is online (or the set is in the local hub cache);
+- `fastchat:QUESTIONS.jsonl:ANSWERS.jsonl`: FastChat's two-file layout (Vicuna), joined by question_id.
 
 Records carry `prompt` (used as is), or `instruction` and optional `input` (rendered with the Alpaca template),
 and `output`: one reference string or a list of them (ROUGE-L takes the best).
@@ -131,6 +132,39 @@ def _load_hub(spec: str, fields: dict[str, str], max_samples: int) -> Benchmark:
     return Benchmark(name=f"{short}-{split}", source=spec, fingerprint=fingerprint, samples=tuple(samples))
 
 
+def _load_fastchat(spec: str, max_samples: int) -> Benchmark:
+    """`fastchat:QUESTIONS.jsonl:ANSWERS.jsonl`, FastChat's layout (Vicuna's 80 questions): questions
+    {"question_id", "turns": [text, ...]} and reference answers {"question_id", "choices": [{"turns": [...]}]} in
+    two files, joined by question_id; the first turn is the instruction, each choice's first turn a reference."""
+    parts = spec.split(":")
+    if len(parts) != 3:
+        raise BenchmarkError(f"{spec!r}: write fastchat:QUESTIONS.jsonl:ANSWERS.jsonl")
+    questions, answers = Path(parts[1]), Path(parts[2])
+    refs: dict[Any, list[str]] = {}
+    for lineno, rec in read_jsonl_lines(answers):
+        where = f"{answers}:{lineno}"
+        try:
+            refs.setdefault(rec["question_id"], []).extend(c["turns"][0] for c in rec["choices"])
+        except (KeyError, IndexError, TypeError):
+            raise BenchmarkError(f"{where}: expected {{\"question_id\", \"choices\": [{{\"turns\": [...]}}]}}") from None
+    samples: list[Sample] = []
+    for lineno, rec in read_jsonl_lines(questions):
+        if max_samples and len(samples) >= max_samples:
+            break
+        where = f"{questions}:{lineno}"
+        try:
+            qid, turn = rec["question_id"], rec["turns"][0]
+        except (KeyError, IndexError, TypeError):
+            raise BenchmarkError(f"{where}: expected {{\"question_id\", \"turns\": [...]}}") from None
+        if qid not in refs:
+            raise BenchmarkError(f"{where}: question_id {qid!r} has no answer in {answers}")
+        samples.append(record_to_sample({"instruction": turn, "output": refs[qid]}, len(samples), {}, where))
+    if not samples:
+        raise BenchmarkError(f"{questions}: no records")
+    fingerprint = sha256_json([sha256_file(questions), sha256_file(answers)])
+    return Benchmark(questions.stem, spec, fingerprint, tuple(samples))
+
+
 def load_benchmark(spec: str, data_dir: str | Path, fields: dict[str, str] | None = None,
                    max_samples: int = 0) -> Benchmark:
     """Resolve a benchmark spec (registry name, JSONL path or hub:NAME[:SPLIT]) and read its samples."""
@@ -147,6 +181,8 @@ def load_benchmark(spec: str, data_dir: str | Path, fields: dict[str, str] | Non
         return Benchmark(spec, str(path), sha256_file(path), tuple(samples))
     if spec.startswith("hub:"):
         return _load_hub(spec, fields, max_samples)
+    if spec.startswith("fastchat:"):
+        return _load_fastchat(spec, max_samples)
     path = Path(spec)
     if path.suffix == ".jsonl" or path.is_file():
         if not path.is_file():

@@ -33,12 +33,14 @@ class EvalConfig:
     )
     benchmarks: list[str] = field(
         default_factory=lambda: list(ALL_BENCHMARKS),
-        metadata={"help": "registry names (dolly self_inst vicuna sinst uinst), JSONL paths, or hub:NAME[:SPLIT]"},
+        metadata={"help": "registry names (dolly self_inst vicuna sinst uinst), JSONL paths, hub:NAME[:SPLIT], or "
+                          "fastchat:QUESTIONS.jsonl:ANSWERS.jsonl"},
     )
     data_dir: str = field(default_factory=default_data_dir, metadata={"help": "folder holding the registry's files"})
     field_map: list[str] = field(
         default_factory=list,
-        metadata={"help": "for JSONL paths and hub sets: canonical=source pairs, e.g. output=answer input=context"},
+        metadata={"help": "for JSONL paths and hub sets: ours=theirs pairs, e.g. output=answer input=context",
+                  "aliases": ["--fields"]},
     )
     out: str = field(default="runs/eval", metadata={"help": "output folder (a rerun resumes in it)"})
     tokenizer: str = field(default="", metadata={"help": "tokenizer dir, when a model dir has none"})

@@ -414,3 +414,53 @@ def test_a_refused_valid_size_leaves_no_folder_behind(tmp_path):
                  "--tokenizer", "builtin-tiny", "--valid_size", "5")
     assert proc.returncode == 2 and "leaves no training samples" in proc.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_eval_names_bad_benchmarks_and_reads_fastchat_sets(tiny_pair, tmp_path):
+    """An empty set, invalid UTF-8 or a record without the reference field is one line naming file and line;
+    FastChat's two-file Vicuna layout is read by `fastchat:QUESTIONS:ANSWERS`; --fields and --field_map are one
+    option in prepare and eval alike."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n')
+    wrong = _jsonl(tmp_path / "wrong.jsonl", [{"instruction": "a", "answer": "b"}])
+    for bench, words in ((empty, "empty.jsonl: no records"), (latin, "latin.jsonl:2: not valid UTF-8"),
+                         (wrong, "wrong.jsonl:1: missing field 'output'")):
+        proc = stage("eval", "--models", tiny_pair.student, "--benchmarks", bench, "--greedy", "--out",
+                     tmp_path / "e")
+        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-999:]
+    questions = _jsonl(tmp_path / "question.jsonl", [{"question_id": i, "category": "generic",
+                                                      "turns": [f"Describe {w}."]} for i, w in enumerate("ab")])
+    answers = _jsonl(tmp_path / "answers.jsonl", [{"question_id": i, "choices": [{"index": 0, "turns": [f"{w}!"]}]}
+                                                  for i, w in enumerate("ab")])
+    proc = stage("eval", "--models", tiny_pair.student, "--benchmarks", f"fastchat:{questions}:{answers}",
+                 "--greedy", "--max_new_tokens", "2", "--out", tmp_path / "fc")
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    rows = [json.loads(x) for x in (tmp_path / "fc" / "generations" / "student" / "question" / "greedy.jsonl")
+            .read_text().splitlines()]
+    assert [r["references"] for r in rows] == [["a!"], ["b!"]] and "Describe a." in rows[0]["prompt"]
+    from eval.config import EvalConfig
+    from pipeline.config import parse_config
+    from pipeline.data.config import PrepareConfig
+
+    assert parse_config(EvalConfig, ["--models", "m", "--fields", "output=answer"]).fields() == {"output": "answer"}
+    assert parse_config(PrepareConfig, ["--data", "x", "--out", "o", "--field_map", "output=answer"]).fields == [
+        "output=answer"]
+
+
+def test_a_missing_split_and_a_tampered_tokenizer_are_named(prepared_tiny, tmp_path):
+    """cache --split of a split that was not prepared, and a prepared tokenizer changed after prepare, are each
+    one line (exit 2) naming the folder, never a traceback."""
+    import shutil
+
+    proc = stage("cache", "--data", prepared_tiny, "--teacher", "preset:tiny-teacher", "--split", "test",
+                 "--out", tmp_path / "s", "--layers", "1")
+    assert proc.returncode == 2 and "no split 'test'" in proc.stderr and "Traceback" not in proc.stderr
+    prep = tmp_path / "prep"
+    shutil.copytree(prepared_tiny, prep)
+    config = json.loads((prep / "tokenizer" / "tokenizer_config.json").read_text())
+    config["pad_token"] = config["eos_token"]  # pad was "<pad>": ids change
+    (prep / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
+    proc = stage("train", *sft_args(prep, tmp_path / "run", "--max_steps", "1"))
+    assert proc.returncode == 2 and "does not match the fingerprint in its manifest" in proc.stderr, proc.stderr

@@ -17,8 +17,9 @@ class PrepareConfig:
     out: str = field(default="", metadata={"help": "output folder (created; never overwritten)"})
     tokenizer: str = field(default="builtin-gpt2",
                            metadata={"help": "tokenizer or model dir, 'builtin-gpt2' or 'builtin-tiny'"})
-    fields: list[str] = field(default_factory=list,
-                              metadata={"help": "field map OURS=THEIRS for other formats, e.g. output=answer"})
+    fields: list[str] = field(default_factory=list, metadata={
+        "help": "field map OURS=THEIRS for other formats, e.g. output=answer (also --field_map, eval's name)",
+        "aliases": ["--field_map"]})
     hub_split: str = field(default="train", metadata={"help": "split to load for a hub dataset name"})
     max_prompt_len: int = field(default=256, metadata={"help": "prompt tokens at most (with the BOS token)"})
     max_len: int = field(default=512, metadata={"help": "prompt + response tokens at most"})
