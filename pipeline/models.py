@@ -157,33 +157,6 @@ def check_causal_lm_dir(path: str | Path, need_tokenizer: bool = False) -> None:
                           f"DIR")
 
 
-def model_config(spec: str, tokenizer: PreTrainedTokenizerBase | None = None):
-    """The transformers config of a model dir or preset, without its weights."""
-    if spec.startswith("preset:"):
-        if tokenizer is None:
-            raise ConfigError(f"{spec}: a preset takes its vocabulary from the tokenizer; pass tokenizer=")
-        return preset_config(spec.split(":", 1)[1], len(tokenizer))
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(spec, local_files_only=True)
-
-
-def count_parameters(spec: str, tokenizer: PreTrainedTokenizerBase | None = None) -> int:
-    """Parameters of a model dir or preset, counted on the meta device (no memory, no weights read)."""
-    config = model_config(spec, tokenizer)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
-
-
-def activation_bytes(config, micro_batch_size: int, seq_len: int, bytes_per_value: int) -> int:
-    """Activations a decoder keeps for backward over one micro-batch without checkpointing: about
-    s*b*h*(34 + 5*a*s/h) 16-bit values a layer (Korthikanti et al., 2022), scaled to the training dtype."""
-    h, a, n = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
-    per_layer = seq_len * micro_batch_size * h * (34 + 5 * a * seq_len / h)
-    return int(n * per_layer * bytes_per_value / 2)
-
-
 def model_fingerprint(model_or_dir: PreTrainedModel | str | Path) -> str:
     """Hash of a model's config and weights: a directory hashes its files, a live model its tensors."""
     if isinstance(model_or_dir, (str, Path)):

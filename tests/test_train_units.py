@@ -253,7 +253,7 @@ def test_a_previous_run_is_never_overwritten(tmp_path):
 
 def test_activation_checkpointing_auto_turns_on_only_when_activations_do_not_fit():
     from pipeline.data.tokenizer import load_tokenizer
-    from pipeline.models import count_parameters
+    from pipeline.train.memory import count_parameters
     from pipeline.train.setup import activation_checkpointing_choice
 
     tok = load_tokenizer("builtin-tiny")

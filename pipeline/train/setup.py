@@ -26,13 +26,11 @@ from pipeline.data.prepared import PreparedData, TokenDataset
 from pipeline.errors import ConfigError
 from pipeline.features.store import FeatureStore
 from pipeline.io import check_folder_is_ours, hold_folder_lock
-from pipeline.models import (
-    FINAL, LMHead, activation_bytes, count_parameters, load_frozen_teacher, load_model, model_config,
-    model_fingerprint, model_shape,
-)
+from pipeline.models import FINAL, LMHead, load_frozen_teacher, load_model, model_fingerprint, model_shape
 from pipeline.runtime import DistInfo, dist_info, ensure_dist_env, pick_device, seed_everything, torch_dtype
 from pipeline.train.config import TrainConfig, check_config, teacher_mode
 from pipeline.train.data import make_collate, make_dataset
+from pipeline.train.memory import activation_bytes, count_parameters, model_config
 from pipeline.train.ds_config import EngineSettings, load_ds_config, precision_of, resolve_ds_config, zero_stage
 from pipeline.train.objective import Objective, StudentWithHeads, build_objective
 
