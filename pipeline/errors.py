@@ -12,6 +12,7 @@ import sys
 from typing import Callable
 
 EXIT_USER_ERROR = 2
+ERROR_DIR_VAR = "GEOKD_ERROR_DIR"  # set by runtime.launch_local_ranks: where its ranks leave their one-line error
 
 
 class GeokdError(Exception):
@@ -67,7 +68,7 @@ def run_stage(name: str, body: Callable[[], int | None]) -> int:
 def report(line: str) -> None:
     """Say a user's mistake once per job: ranks started by runtime.launch_local_ranks leave it to the launcher
     (which prints each distinct message once); under other launchers, local rank 0 of each node says it."""
-    error_dir = os.environ.get("GEOKD_ERROR_DIR")
+    error_dir = os.environ.get(ERROR_DIR_VAR)
     if error_dir and os.path.isdir(error_dir):
         with open(os.path.join(error_dir, f"rank{os.environ.get('RANK', '0')}"), "w") as f:
             f.write(line + "\n")

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ERROR_DIR_VAR, ConfigError
 
 # One spelling per dtype on disk and in manifests; users may type either column.
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -154,7 +158,6 @@ def gather_lists(items: list[Any], world_size: int) -> list[Any]:
 
 
 # -- local ranks: launched, watched and taken down together ------------------------------------------------------
-ERROR_DIR_VAR = "GEOKD_ERROR_DIR"  # where ranks started by launch_local_ranks leave their one-line error
 
 
 def _die_with_parent() -> None:
@@ -173,10 +176,6 @@ def launch_local_ranks(module: str, nproc: int, args: list[str]) -> int:
     The ranks die with the launcher (SIGTERM/SIGINT are passed on; SIGKILL reaches them through the kernel's
     parent-death signal), the first rank to fail takes the others down, and a user's mistake is printed once,
     however many ranks met it. Returns the job's exit status (2 when a rank exited with 2)."""
-    import subprocess
-    import tempfile
-    import time
-
     errors = tempfile.mkdtemp(prefix="geokd-errors-")
     port = free_port()
     threads = str(max(1, (os.cpu_count() or 1) // nproc))
@@ -187,13 +186,16 @@ def launch_local_ranks(module: str, nproc: int, args: list[str]) -> int:
         env.setdefault("OMP_NUM_THREADS", threads)
         procs.append(subprocess.Popen([sys.executable, "-m", module, *args], env=env, preexec_fn=_die_with_parent))
 
-    def stop_all(*_: object) -> None:
+    def stop_all() -> None:
         for p in procs:
             if p.poll() is None:
                 p.terminate()
 
-    previous = {s: signal.signal(s, lambda sig, frame: (stop_all(), sys.exit(128 + sig)))
-                for s in (signal.SIGTERM, signal.SIGINT)}
+    def on_signal(signum: int, frame: object) -> None:
+        stop_all()
+        sys.exit(128 + signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         failed = None
         while any(p.poll() is None for p in procs):
@@ -210,8 +212,6 @@ def launch_local_ranks(module: str, nproc: int, args: list[str]) -> int:
     messages = sorted({Path(errors, f).read_text().strip() for f in os.listdir(errors)})
     for message in messages:
         print(message, file=sys.stderr)
-    import shutil
-
     shutil.rmtree(errors, ignore_errors=True)
     if messages or 2 in codes:
         return 2
