@@ -3,7 +3,7 @@
 #   ./run.sh setup            create or update .venv (idempotent)
 #   ./run.sh test [pytest args]
 #   ./run.sh demo [args]      the whole pipeline on the built-in data, on this machine
-#   ./run.sh <stage> [args]   prepare | cache | train | eval | synthetic
+#   ./run.sh <stage> [args]   prepare | cache | train | eval | synthetic | study
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
@@ -48,7 +48,7 @@ case "$cmd" in
         setup; runtime_env
         export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
         exec "$PY" -m stages.demo "$@" ;;
-    prepare|cache|train|eval|synthetic)
+    prepare|cache|train|eval|synthetic|study)
         setup; runtime_env; exec "$PY" -m "stages.$cmd" "$@" ;;
     help|-h|--help)
         sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' ;;

@@ -28,7 +28,8 @@ from pipeline.features.format import DTYPES, LOWRANK_FILE, MANIFEST, PLAN, verif
 from pipeline.features.lowrank import load_lowrank
 from pipeline.features.store import FeatureStore
 from pipeline.io import read_json, sha256_file
-from pipeline.models import load_frozen_teacher, model_fingerprint
+from pipeline.models import model_fingerprint
+from pipeline.teacher import load_frozen_teacher
 from pipeline.runtime import (
     barrier, destroy_process_group, ensure_dist_env, init_process_group, pick_device, torch_dtype,
 )

@@ -15,38 +15,20 @@ its own process, exactly as `./run.sh <stage>` would run it; the commands are pr
 """
 from __future__ import annotations
 
-import json
 import os
-import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import save_config, stage_main
-from pipeline.errors import ConfigError, GeokdError
-from pipeline.geometry import FEATURE_LOSSES
+from pipeline.steps import (
+    DEFAULT_METHODS, cache_for, method_args, method_settings, prepare_builtin, run_step, train_step,
+    validation_geometry,
+)
 
-# A method is `sft`, `kd`, or `kd_<feature loss>` (KD plus a loss of pipeline.geometry's registry); all students
-# share every other setting.
-METHODS = ["sft", "kd", "kd_cka", "kd_proj_mse", "kd_procrustes", "kd_fg"]
-KD_ALPHA = 0.5
-
-
-def method_settings(name: str) -> tuple[float, str]:
-    """(alpha, feature loss) of a method name."""
-    if name == "sft":
-        return 0.0, "none"
-    if name == "kd":
-        return KD_ALPHA, "none"
-    loss = name.removeprefix("kd_")
-    if not name.startswith("kd_") or loss not in FEATURE_LOSSES:
-        raise ConfigError(f"--methods {name!r}: choose sft, kd or kd_<loss> with <loss> one of "
-                          f"{', '.join(FEATURE_LOSSES)}")
-    return KD_ALPHA, loss
-
-
+# All students share every setting but their method (pipeline/steps.py: sft, kd, kd_<feature loss>).
+METHODS = DEFAULT_METHODS
 @dataclass
 class DemoConfig:
     out: str = field(default="runs/demo", metadata={"help": "everything the demo writes goes here"})
@@ -70,23 +52,6 @@ class DemoConfig:
     seed: int = 0
 
 
-def run_step(args: list[str], log: Path) -> None:
-    """Run `python -m <args>` as its own process; its output goes to the console and to `log`."""
-    cmd = [sys.executable, "-m", *args]
-    print(f"\n$ {shlex.join(['python', '-m', *args])}", flush=True)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        f.write(f"$ {shlex.join(cmd)}\n")
-        f.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            f.write(line)
-        if proc.wait() != 0:
-            raise GeokdError(f"step failed (exit {proc.returncode}): {shlex.join(args)}; log in {log}")
-
-
 def train_args(cfg: DemoConfig, out: Path, data: Path, model: str, steps: int, lr: float) -> list[str]:
     return ["stages.train", "--data", str(data), "--student", model, "--out", str(out),
             "--ds_config", cfg.ds_config, "--max_steps", str(steps), "--micro_batch_size", str(cfg.micro_batch_size),
@@ -104,20 +69,6 @@ def save_untrained_student(cfg: DemoConfig, data: Path, out: Path) -> None:
     tok = PreparedData(data).tokenizer()
     load_model(cfg.student, tokenizer=tok, seed=cfg.seed).save_pretrained(out)
     tok.save_pretrained(out)
-
-
-def validation_geometry(run_dir: Path) -> dict:
-    """The last validation record of a training run (loss and D_P / D_FG / D_CKA when features were given)."""
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    valid = [r for r in rows if r.get("split") == "valid"]
-    if not valid:
-        return {}
-    last = valid[-1]
-    summary = {"ce": last.get("ce")}
-    for name in ("D_P", "D_FG", "D_CKA"):  # logged per layer pair as D_P/s1_t2 ...: average the pairs
-        per_pair = [v for k, v in last.items() if k.startswith(name + "/")]
-        summary[name] = sum(per_pair) / len(per_pair) if per_pair else None
-    return summary
 
 
 def write_report(cfg: DemoConfig, out: Path, layers: list[int], wall: float) -> str:
@@ -152,7 +103,8 @@ def run(cfg: DemoConfig) -> None:
     from pipeline.models import model_shape
 
     # Checked before anything is written: a typo costs seconds, not a teacher's training.
-    settings = {name: method_settings(name) for name in cfg.methods}
+    for name in cfg.methods:
+        method_settings(name)
     model_shape(cfg.teacher, "teacher")
     model_shape(cfg.student, "student")
     out = Path(cfg.out)
@@ -166,46 +118,21 @@ def run(cfg: DemoConfig) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     print("[demo] 1/6 prepare the built-in data")
-    data, test = out / "data", out / "data_test"
-    run_step(["stages.prepare", "--data", "builtin", "--out", str(data), "--tokenizer", cfg.tokenizer,
-               "--valid_size", "200"], log)
-    run_step(["stages.prepare", "--data", "builtin:test", "--split", "test", "--out", str(test),
-               "--tokenizer", cfg.tokenizer], log)
+    data, test = prepare_builtin(out, cfg.tokenizer, log)
 
     print("[demo] 2/6 train the teacher (SFT)")
     teacher = out / "teacher"
-    if not (teacher / "model" / "config.json").exists():
-        resume = ["--resume"] if (teacher / "checkpoints").exists() else []
-        run_step(train_args(cfg, teacher, data, cfg.teacher, cfg.teacher_steps, cfg.teacher_lr)
-                  + ["--mode", "sft"] + resume, log)
+    train_step(train_args(cfg, teacher, data, cfg.teacher, cfg.teacher_steps, cfg.teacher_lr) + ["--mode", "sft"],
+               teacher, log)
 
     print("[demo] 3/6 cache the teacher's features once")
-    from pipeline.models import layer_map
-    from pipeline.train.objective import mapped_teacher_layers
-
-    # The layers of the students' default layer map: what every distillation run will read.
-    layers = mapped_teacher_layers(layer_map(model_shape(cfg.student, "student")[1],
-                                             model_shape(str(teacher / "model"), "teacher")[1]))
-    features = {}
-    for split in ("train", "valid"):
-        features[split] = out / "features" / split
-        run_step(["stages.cache", "--data", str(data), "--split", split, "--teacher", str(teacher / "model"),
-                   "--out", str(features[split]), "--layers", *map(str, layers), "--final", "--dtype", "fp32"], log)
+    layers, features = cache_for(data, teacher / "model", cfg.student, out / "features", log)
 
     print(f"[demo] 4/6 distil a student with each method: {', '.join(cfg.methods)}")
     for name in cfg.methods:
         run_dir = out / "students" / name
-        if (run_dir / "model" / "config.json").exists():
-            print(f"[demo] {name}: done already")
-            continue
-        alpha, loss = settings[name]
         args = train_args(cfg, run_dir, data, cfg.student, cfg.student_steps, cfg.student_lr)
-        args += ["--mode", "sft"] if name == "sft" else [
-            "--mode", "distill", "--features", str(features["train"]), "--valid_features", str(features["valid"]),
-            "--alpha", str(alpha), "--loss", loss, "--beta", str(cfg.beta)]
-        if (run_dir / "checkpoints").exists():
-            args.append("--resume")
-        run_step(args, log)
+        train_step(args + method_args(name, features, {"beta": str(cfg.beta)}), run_dir, log)
 
     print("[demo] 5/6 evaluate with ROUGE-L")
     init = out / "student_init"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import models
+from pipeline.teacher import teacher_placement
 from pipeline.data.prepared import PreparedData
 from pipeline.errors import StoreError
 from pipeline.features.format import shard_file
@@ -204,12 +204,12 @@ def test_verify_names_damaged_shards_and_rerun_repairs(reference, prepared_tiny,
 
 def test_teacher_placement_decisions():
     gib = 2**30
-    assert models.teacher_placement(10 * gib, None, 0, 1, True) == "cpu"
-    assert models.teacher_placement(10 * gib, 80 * gib, 1, 4, True) == "gpu"
-    assert models.teacher_placement(100 * gib, 80 * gib, 2, 1, True) == "device_map"
+    assert teacher_placement(10 * gib, None, 0, 1, True) == "cpu"
+    assert teacher_placement(10 * gib, 80 * gib, 1, 4, True) == "gpu"
+    assert teacher_placement(100 * gib, 80 * gib, 2, 1, True) == "device_map"
     with pytest.raises(StoreError, match="run a single process"):
-        models.teacher_placement(100 * gib, 80 * gib, 2, 2, True)
+        teacher_placement(100 * gib, 80 * gib, 2, 2, True)
     with pytest.raises(StoreError, match="install accelerate"):
-        models.teacher_placement(100 * gib, 80 * gib, 2, 1, False)
+        teacher_placement(100 * gib, 80 * gib, 2, 1, False)
     with pytest.raises(StoreError, match="all 1 GPUs together are too small"):
-        models.teacher_placement(100 * gib, 80 * gib, 1, 1, True)
+        teacher_placement(100 * gib, 80 * gib, 1, 1, True)

@@ -15,7 +15,7 @@ from pipeline.train.objective import Objective, StudentWithHeads, topk_kd
 from pipeline.train.config import TrainConfig, check_config, parse_layer_map
 from pipeline.train.data import StepBatchSampler, eval_batches
 from pipeline.train.targets import TeacherTargets
-from pipeline.models import LMHead
+from pipeline.teacher import LMHead
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = EngineSettings(micro_batch_size=2, grad_accum=3, world_size=4, grad_clip=1.0, lr=3e-4, betas=(0.9, 0.95),

@@ -24,7 +24,7 @@ from pipeline.features.store import FeatureStore
 from pipeline.geometry import (
     FeatureLoss, cka_distance, feature_gram_distance, feature_loss, logit_kd, procrustes_distance,
 )
-from pipeline.models import FINAL, layer_map, record_hidden_states
+from pipeline.models import FINAL, layer_map, mapped_teacher_layers, record_hidden_states
 from pipeline.train.config import TrainConfig, parse_layer_map
 from pipeline.train.targets import TeacherTargets
 
@@ -77,11 +77,6 @@ class Objective:
         """Student hidden states to record: the loss's, or with `with_report` every mapped one (validation)."""
         keep = self.uses_features or (with_report and self.mode == "distill")
         return sorted({s for s, _ in self.pairs}) if keep else []
-
-
-def mapped_teacher_layers(pairs: Sequence[tuple[int, int]]) -> list[int]:
-    """The teacher hidden states a layer map reads, sorted: the layers to cache."""
-    return sorted({t for _, t in pairs})
 
 
 def build_objective(cfg: TrainConfig, n_student: int, n_teacher: int, store: FeatureStore | None) -> Objective:

@@ -26,7 +26,8 @@ from pipeline.data.prepared import PreparedData, TokenDataset
 from pipeline.errors import ConfigError
 from pipeline.features.store import FeatureStore
 from pipeline.io import check_folder_is_ours, hold_folder_lock
-from pipeline.models import FINAL, LMHead, load_frozen_teacher, load_model, model_fingerprint, model_shape
+from pipeline.models import FINAL, load_model, model_fingerprint, model_shape
+from pipeline.teacher import LMHead, load_frozen_teacher
 from pipeline.runtime import DistInfo, dist_info, ensure_dist_env, pick_device, seed_everything, torch_dtype
 from pipeline.train.config import TrainConfig, check_config, teacher_mode
 from pipeline.train.data import make_collate, make_dataset

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline.models import FINAL, LMHead, capture_hidden_states, lm_head_of
+from pipeline.models import FINAL, capture_hidden_states
+from pipeline.teacher import LMHead, lm_head_of
 
 
 @dataclass

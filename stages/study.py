@@ -1,0 +1,223 @@
+"""`./run.sh study`: which distillation method is better, with its uncertainty: every method of a list trained
+for several training seeds from one teacher cache, scored with the standard protocol, compared with paired tests.
+
+    ./run.sh study [--quick] [--out runs/study] [--methods sft kd kd_cka kd_proj_mse kd_procrustes kd_fg]
+        [--seeds 0 1 2 3 4] [--reference kd] [--grid beta=0.3,1,3] [--teacher DIR_OR_PRESET] [--student PRESET]
+
+1. prepare the built-in data (or use --data / --test, prepared folders); 2. the teacher: --teacher DIR as given,
+or a preset trained by SFT here; 3. cache its features once; 4. train every (method, grid point, training seed):
+a seed changes the student's initialisation and data order, nothing else; 5. score every student (sampling
+seeds averaged inside each run); 6. report: per method the mean and 95% CI over training seeds of ROUGE-L,
+validation CE and D_P / D_FG / D_CKA; every method against --reference and against SFT: mean difference with
+its CI, the paired t-test over training seeds (primary, Holm-corrected over the comparisons against the same
+reference), Wilcoxon's signed-rank test, and a paired bootstrap over prompts. OUT/report.md, OUT/forest.png,
+OUT/study.json. Each step is its own process; a killed study resumes where it stopped.
+--grid KEY=V1,V2,...: each method whose objective uses KEY (alpha: the KD methods; beta: those with a feature
+loss; layer_map: distillation methods, pairs joined by '+', e.g. layer_map=1:2+2:4,2:4) once per value.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import config_to_dict, save_config, stage_main
+from pipeline.errors import ConfigError
+from pipeline.stats import compare, mean_ci, with_holm
+from pipeline.steps import (
+    DEFAULT_METHODS, cache_for, method_args, method_settings, per_prompt_scores, prepare_builtin, run_step,
+    train_step, validation_geometry,
+)
+
+GRID_KEYS = {"alpha": lambda m: m != "sft", "beta": lambda m: method_settings(m)[1] != "none",
+             "layer_map": lambda m: m != "sft"}
+
+
+@dataclass
+class StudyConfig:
+    out: str = field(default="runs/study", metadata={"help": "everything the study writes goes here"})
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "training seeds"})
+    reference: str = field(default="kd", metadata={"help": "every method is compared with this one (and SFT)"})
+    grid: list[str] = field(default_factory=list, metadata={"help": "KEY=V1,V2,... (alpha, beta, layer_map)"})
+    teacher: str = field(default="preset:tiny-teacher", metadata={
+        "help": "a trained teacher model dir, or a preset to train by SFT here"})
+    student: str = field(default="preset:tiny-student")
+    tokenizer: str = field(default="builtin-tiny", metadata={"help": "for the built-in data"})
+    data: str = field(default="", metadata={"help": "a prepared folder with train and valid (default: built-in)"})
+    test: str = field(default="", metadata={"help": "a prepared folder with the test split (default: built-in)"})
+    teacher_steps: int = 300
+    student_steps: int = 300
+    micro_batch_size: int = 16
+    lr: float = 1e-3
+    eval_samples: int = field(default=100, metadata={"help": "test prompts scored (0: all)"})
+    sampling_seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
+    max_new_tokens: int = 64
+    quick: bool = field(default=False, metadata={
+        "help": "a few-minute version: sft, kd and kd_procrustes, 3 seeds, 120 steps, 40 prompts, 2 sampling seeds"})
+
+
+def apply_quick(cfg: StudyConfig) -> None:
+    if cfg.quick:
+        cfg.methods, cfg.seeds = ["sft", "kd", "kd_procrustes"], [0, 1, 2]
+        cfg.teacher_steps, cfg.student_steps, cfg.eval_samples, cfg.sampling_seeds = 200, 120, 40, [10, 20]
+
+
+def grid_points(cfg: StudyConfig) -> list[tuple[str, dict[str, str]]]:
+    """(run name, train option overrides) for every method x grid value, checked before anything runs."""
+    grid: dict[str, list[str]] = {}
+    for item in cfg.grid:
+        key, sep, values = item.partition("=")
+        if not sep or key not in GRID_KEYS or not values:
+            raise ConfigError(f"--grid {item!r}: write KEY=V1,V2,... with KEY one of {', '.join(GRID_KEYS)}")
+        grid[key] = values.split(",")
+    points = []
+    for method in cfg.methods:
+        method_settings(method)
+        combos: list[dict[str, str]] = [{}]
+        for key, values in grid.items():
+            if GRID_KEYS[key](method):
+                combos = [{**c, key: v.replace("+", " ")} for c in combos for v in values]
+        for combo in combos:
+            suffix = "".join(f"__{k}{v.replace(' ', '_').replace(':', '-')}" for k, v in combo.items())
+            points.append((method + suffix, combo))
+    return points
+
+
+def run(cfg: StudyConfig) -> dict:
+    apply_quick(cfg)
+    points = grid_points(cfg)
+    names = [n for n, _ in points]
+    if cfg.reference not in names or "sft" not in names:
+        raise ConfigError(f"--reference {cfg.reference!r} and sft must be among the runs ({', '.join(names)})")
+    if len(cfg.seeds) < 2:
+        raise ConfigError("--seeds: a study needs at least two training seeds")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "study_config.yaml")
+    log, started = out / "study.log", time.time()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread a process (see stages/demo.py)
+
+    print("[study] 1/5 data, teacher and its features")
+    data, test = (Path(cfg.data), Path(cfg.test)) if cfg.data else prepare_builtin(out, cfg.tokenizer, log)
+    teacher = Path(cfg.teacher) if not cfg.teacher.startswith("preset:") else out / "teacher" / "model"
+    if cfg.teacher.startswith("preset:"):
+        train_step(train_args(cfg, out / "teacher", data, cfg.teacher, cfg.teacher_steps, 0) + ["--mode", "sft"],
+                   out / "teacher", log)
+    layers, features = cache_for(data, teacher, cfg.student, out / "features", log)
+
+    print(f"[study] 2/5 {len(points)} runs x {len(cfg.seeds)} training seeds")
+    runs = {}
+    for name, overrides in points:
+        for seed in cfg.seeds:
+            run_dir = out / "runs" / name / f"seed{seed}"
+            args = train_args(cfg, run_dir, data, cfg.student, cfg.student_steps, seed)
+            train_step(args + method_args(name.split("__")[0], features, overrides), run_dir, log)
+            runs[name, seed] = run_dir
+
+    print("[study] 3/5 score every student")
+    model_names = [f"{name}__seed{seed}" for name, seed in runs]
+    run_step(["stages.eval", "--models", *[str(d / "model") for d in runs.values()], "--names", *model_names,
+              "--benchmarks", str(test / "test" / "records.jsonl"), "--field_map", "output=references",
+              "--max_samples", str(cfg.eval_samples), "--max_new_tokens", str(cfg.max_new_tokens),
+              "--seeds", *map(str, cfg.sampling_seeds), "--out", str(out / "eval")], log)
+
+    print("[study] 4/5 statistics")
+    results = analyse(cfg, names, runs, out / "eval")
+    results.update(layers=layers, wall_s=round(time.time() - started, 1), config=config_to_dict(cfg))
+    (out / "study.json").write_text(json.dumps(results, indent=2))
+    print("[study] 5/5 report")
+    forest_plot(results, out / "forest.png")
+    report = write_report(cfg, results, out)
+    print("\n" + report + f"\n[study] wrote {out / 'report.md'}, {out / 'forest.png'}, {out / 'study.json'}")
+    return results
+
+
+def train_args(cfg: StudyConfig, out: Path, data: Path, model: str, steps: int, seed: int) -> list[str]:
+    return ["stages.train", "--data", str(data), "--student", model, "--out", str(out), "--max_steps", str(steps),
+            "--micro_batch_size", str(cfg.micro_batch_size), "--lr", str(cfg.lr), "--seed", str(seed),
+            "--checkpoint_every", "100", "--eval_samples", "200", "--progress", "false"]
+
+
+def analyse(cfg: StudyConfig, names: list[str], runs: dict, eval_out: Path) -> dict:
+    bench = "records"
+    prompts = {n: np.array([per_prompt_scores(eval_out, f"{n}__seed{s}", bench, cfg.sampling_seeds)
+                            for s in cfg.seeds]) for n in names}
+    per_seed = {n: prompts[n].mean(axis=1).tolist() for n in names}  # ROUGE-L of each training seed
+    methods = {}
+    for n in names:
+        valid = [validation_geometry(runs[n, s]) for s in cfg.seeds]
+        row = {"rouge_l": mean_ci(per_seed[n]).dict(), "rouge_l_per_seed": per_seed[n]}
+        for key in ("ce", "D_P", "D_FG", "D_CKA"):
+            values = [v[key] for v in valid if v.get(key) is not None]
+            row[key] = mean_ci(values).dict() if len(values) == len(cfg.seeds) else None
+        methods[n] = row
+    comparisons = {}
+    for ref in dict.fromkeys([cfg.reference, "sft"]):
+        group = with_holm([compare(n, ref, per_seed, prompts) for n in names if n != ref])
+        comparisons[ref] = [c.dict() for c in group]
+    return {"benchmark": bench, "seeds": cfg.seeds, "sampling_seeds": cfg.sampling_seeds, "methods": methods,
+            "comparisons": comparisons, "primary_test": "paired t-test over training seeds, Holm-corrected over "
+            "the comparisons against the same reference"}
+
+
+def forest_plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["comparisons"][next(iter(results["comparisons"]))]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.2))
+    for i, c in enumerate(rows):
+        d = c["difference"]
+        ax.errorbar(d["mean"], i, xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o", capsize=4,
+                    color="tab:blue" if c["holm_p"] < 0.05 else "tab:gray")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), [c["method"] for c in rows])
+    ax.set_xlabel(f"ROUGE-L difference vs {rows[0]['reference']} (mean over {len(results['seeds'])} training "
+                  f"seeds, 95% CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(cfg: StudyConfig, results: dict, out: Path) -> str:
+    fmt = lambda e: "-" if e is None else f"{e['mean']:.2f} [{e['low']:.2f}, {e['high']:.2f}]"  # noqa: E731
+    fmt4 = lambda e: "-" if e is None else f"{e['mean']:.4f} [{e['low']:.4f}, {e['high']:.4f}]"  # noqa: E731
+    lines = ["# geokd method study", "",
+             f"{len(results['seeds'])} training seeds x {len(cfg.sampling_seeds)} sampling seeds; student "
+             f"`{cfg.student}`, {cfg.student_steps} steps; teacher `{cfg.teacher}`; {cfg.eval_samples or 'all'} "
+             f"test prompts; ROUGE-L x100. Mean [95% CI over training seeds].", "",
+             "| run | ROUGE-L | valid CE | D_P | D_FG | D_CKA |", "|---|---|---|---|---|---|"]
+    for n, m in results["methods"].items():
+        lines.append(f"| {n} | {fmt(m['rouge_l'])} | {fmt4(m['ce'])} | {fmt4(m['D_P'])} | {fmt4(m['D_FG'])} | "
+                     f"{fmt4(m['D_CKA'])} |")
+    for ref, rows in results["comparisons"].items():
+        lines += ["", f"## Against {ref} (primary: {results['primary_test']})", "",
+                  "| run | difference [95% CI] | t-test p | Holm p | Wilcoxon p | bootstrap over prompts [95%] | "
+                  "bootstrap p |", "|---|---|---|---|---|---|---|"]
+        for c in rows:
+            b = c["bootstrap"]
+            lines.append(f"| {c['method']} | {fmt(c['difference'])} | {c['t_p']:.3g} | {c['holm_p']:.3g} | "
+                         f"{c['wilcoxon_p']:.3g} | {b['mean']:.2f} [{b['low']:.2f}, {b['high']:.2f}] | "
+                         f"{c['bootstrap_p']:.3g} |")
+    lines += ["", "Wilcoxon's exact test cannot reach p < 0.05 with fewer than 6 seeds; the bootstrap resamples "
+              "prompts, so it speaks to these prompts, not to other training seeds.", "",
+              "![differences against the reference](forest.png)"]
+    report = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("study", StudyConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
