@@ -16,12 +16,14 @@ the final table.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.config import save_config, stage_main
@@ -54,6 +56,11 @@ class SyntheticConfig:
     losses: list[str] = field(default_factory=lambda: list(LOSSES))
     seed: int = 0
     out: str = "runs/synthetic"
+    sweep_directions: list[int] = field(default_factory=list, metadata={
+        "help": "sweep the teacher's orthogonal directions over these values (the paper's regime goes past "
+                "d_student); writes sweep.csv, sweep.png, sweep.md"})
+    sweep_widths: list[int] = field(default_factory=list, metadata={"help": "student widths of the sweep"})
+    sweep_seeds: list[int] = field(default_factory=list, metadata={"help": "seeds of the sweep (default: --seed)"})
 
 
 def make_teacher(cfg: SyntheticConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,32 +162,106 @@ def write_outputs(rows: list[dict], baseline: dict, floor: float, cfg: Synthetic
     return f"{table}\n\n{note}"
 
 
-def run(cfg: SyntheticConfig) -> str:
-    for name in cfg.losses:
-        feature_loss(name)  # an unknown name is a ConfigError listing the choices
-    if cfg.directions > cfg.d_student:
-        print(f"note: {cfg.directions} directions exceed the student width {cfg.d_student}: full recovery is "
-              "impossible, the D_P floor below says by how much")
+def experiment(cfg: SyntheticConfig, verbose: bool = True) -> tuple[list[dict], dict, float]:
+    """One teacher, one random-projection start, every loss optimised from it: (trajectory rows, start, floor)."""
     seed_everything(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    started = time.time()
-
     teacher, _ = make_teacher(cfg, gen)
     teacher_pairs = orthogonal_pairs(teacher, cfg.epsilon)
     projection = torch.randn(cfg.d_teacher, cfg.d_student, generator=gen) / math.sqrt(cfg.d_student)
     student0 = teacher @ projection
     baseline = measure(student0, teacher, teacher_pairs, cfg.epsilon)
     floor = procrustes_floor(teacher, cfg.d_student, squared=False).item()
-    print(f"teacher: {cfg.n} vectors, {int(teacher_pairs.sum())} {cfg.epsilon}-orthogonal pairs; "
-          f"random projection keeps {baseline['orth_pairs_kept']:.1%} of them")
-
+    say = print if verbose else (lambda *a: None)
+    say(f"teacher: {cfg.n} vectors, {int(teacher_pairs.sum())} {cfg.epsilon}-orthogonal pairs; "
+        f"random projection keeps {baseline['orth_pairs_kept']:.1%} of them")
     rows = []
     for loss_name in cfg.losses:
         rows += optimise(loss_name, student0, teacher, teacher_pairs, cfg)
         final = rows[-1]
-        print(f"  {loss_name:>10}: objective {final['objective']:.2e}, D_P {final['D_P']:.4f}, "
-              f"orthogonal pairs kept {final['orth_pairs_kept']:.1%}")
+        say(f"  {loss_name:>10}: objective {final['objective']:.2e}, D_P {final['D_P']:.4f}, "
+            f"orthogonal pairs kept {final['orth_pairs_kept']:.1%}")
+    return rows, baseline, floor
 
+
+def sweep(cfg: SyntheticConfig) -> str:
+    """The paper's regime: teachers with fewer, as many and more orthogonal directions than the student has
+    dimensions, for each student width and seed; the final metrics of every loss, mean and std over seeds."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    finals = []
+    for width in cfg.sweep_widths or [cfg.d_student]:
+        for directions in cfg.sweep_directions:
+            for seed in cfg.sweep_seeds or [cfg.seed]:
+                one = dataclasses.replace(cfg, d_student=width, directions=directions, seed=seed)
+                rows, _, floor = experiment(one, verbose=False)
+                for loss_name in cfg.losses:
+                    final = [r for r in rows if r["loss"] == loss_name][-1]
+                    finals.append({"d_student": width, "directions": directions, "seed": seed, "D_P_floor": floor,
+                                   **{k: final[k] for k in ("loss", *METRICS)}})
+                print(f"[synthetic] width {width}, {directions} directions, seed {seed}: " + ", ".join(
+                    f"{r['loss']} {r['orth_pairs_kept']:.0%}" for r in finals[-len(cfg.losses):]), flush=True)
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(finals[0]))
+        writer.writeheader()
+        writer.writerows(finals)
+    table = sweep_outputs(finals, cfg, out)
+    save_config(cfg, out / "config.yaml")
+    return table
+
+
+def sweep_outputs(finals: list[dict], cfg: SyntheticConfig, out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = sorted({r["d_student"] for r in finals})
+    shown = ("orth_pairs_kept", "D_P", "D_FG", "D_CKA")
+    stat = {}
+    for r in finals:
+        stat.setdefault((r["d_student"], r["directions"], r["loss"]), []).append(r)
+    fig, axes = plt.subplots(len(widths), len(shown), figsize=(4 * len(shown), 3.2 * len(widths)), squeeze=False)
+    lines = ["| student width | directions | loss | " + " | ".join(shown) + " |", "|" + "---|" * (3 + len(shown))]
+    for row, width in enumerate(widths):
+        for col, metric in enumerate(shown):
+            ax = axes[row][col]
+            for loss_name in cfg.losses:
+                xs = sorted({d for (w, d, name) in stat if w == width and name == loss_name})
+                values = [np.array([r[metric] for r in stat[width, d, loss_name]]) for d in xs]
+                mean, std = np.array([v.mean() for v in values]), np.array([v.std() for v in values])
+                ax.plot(xs, mean, marker="o", label=loss_name)
+                ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+            ax.axvline(width, color="gray", lw=0.8, ls="--")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{metric}, student width {width}")
+            ax.set_xlabel("teacher's orthogonal directions")
+        for (w, d, name), group in sorted(stat.items()):
+            if w == width:
+                lines.append(f"| {w} | {d} | {name} | " + " | ".join(
+                    f"{np.mean([r[m] for r in group]):.3f} ± {np.std([r[m] for r in group]):.3f}" for m in shown)
+                    + " |")
+    axes[0][0].legend()
+    fig.suptitle(f"n={cfg.n}, teacher width {cfg.d_teacher}, {len(cfg.sweep_seeds or [cfg.seed])} seeds "
+                 f"(mean ± std); dashed: the student's width")
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=110)
+    plt.close(fig)
+    table = "\n".join(lines)
+    (out / "sweep.md").write_text(f"# Synthetic sweep\n\n{table}\n\n![sweep](sweep.png)\n")
+    return table
+
+
+def run(cfg: SyntheticConfig) -> str:
+    for name in cfg.losses:
+        feature_loss(name)  # an unknown name is a ConfigError listing the choices
+    if cfg.directions > cfg.d_student:
+        print(f"note: {cfg.directions} directions exceed the student width {cfg.d_student}: full recovery is "
+              "impossible, the D_P floor below says by how much")
+    if cfg.sweep_directions:
+        return sweep(cfg)
+    started = time.time()
+    rows, baseline, floor = experiment(cfg)
     out = Path(cfg.out)
     table = write_outputs(rows, baseline, floor, cfg, out)
     print(f"\n{table}\n\nwrote {out / 'curves.png'}, {out / 'trajectory.csv'}, {out / 'results.md'} "

@@ -29,3 +29,18 @@ def test_small_run_writes_outputs_and_geometry_losses_recover_orthogonality(tmp_
         assert float(final[loss]["D_P"]) < 0.5 * float(start[loss]["D_P"])
         assert float(final[loss]["orth_pairs_kept"]) > 0.95
     assert "| procrustes |" in table and "(random projection, start)" in table
+
+
+def test_the_sweep_covers_fewer_and_more_directions_than_the_student_has_dimensions(tmp_path):
+    out = tmp_path / "sweep"
+    table = synthetic.run(parse_config(synthetic.SyntheticConfig, [
+        "--n", "48", "--d_teacher", "24", "--steps", "60", "--log_every", "60", "--out", str(out),
+        "--sweep_directions", "4", "16", "--sweep_widths", "8", "--sweep_seeds", "0", "1"]))
+    rows = list(csv.DictReader(open(out / "sweep.csv")))
+    assert len(rows) == 2 * 2 * len(synthetic.LOSSES)  # directions x seeds x losses
+    assert (out / "sweep.png").stat().st_size > 0 and "| 8 | 16 | procrustes |" in table
+    kept = {(int(r["directions"]), r["loss"]): [] for r in rows}
+    for r in rows:
+        kept[int(r["directions"]), r["loss"]].append(float(r["orth_pairs_kept"]))
+    # 4 orthogonal directions fit a width-8 student; 16 cannot all stay orthogonal in 8 dimensions.
+    assert min(kept[4, "procrustes"]) > 0.9 and max(kept[16, "procrustes"]) < min(kept[4, "procrustes"])
