@@ -59,13 +59,14 @@ class StudyConfig:
     sampling_seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
     max_new_tokens: int = 64
     quick: bool = field(default=False, metadata={
-        "help": "a few-minute version: sft, kd and kd_procrustes, 3 seeds, 120 steps, 40 prompts, 2 sampling seeds"})
+        "help": "a few-minute version: sft, kd and kd_procrustes, 3 seeds, 200 student steps, 60 prompts, 2 "
+                "sampling seeds"})
 
 
 def apply_quick(cfg: StudyConfig) -> None:
     if cfg.quick:
         cfg.methods, cfg.seeds = ["sft", "kd", "kd_procrustes"], [0, 1, 2]
-        cfg.teacher_steps, cfg.student_steps, cfg.eval_samples, cfg.sampling_seeds = 200, 120, 40, [10, 20]
+        cfg.student_steps, cfg.eval_samples, cfg.sampling_seeds = 200, 60, [10, 20]
 
 
 def grid_points(cfg: StudyConfig) -> list[tuple[str, dict[str, str]]]:
