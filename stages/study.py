@@ -98,6 +98,13 @@ def run(cfg: StudyConfig) -> dict:
         raise ConfigError(f"--reference {cfg.reference!r} and sft must be among the runs ({', '.join(names)})")
     if len(cfg.seeds) < 2:
         raise ConfigError("--seeds: a study needs at least two training seeds")
+    from pipeline.models import model_shape
+
+    model_shape(cfg.teacher, "teacher")  # checked before anything is written
+    model_shape(cfg.student, "student")
+    for folder, option in ((cfg.data, "data"), (cfg.test, "test")):
+        if bool(cfg.data) != bool(cfg.test) or (folder and not (Path(folder) / "manifest.json").is_file()):
+            raise ConfigError(f"--data and --test go together, each a prepared folder (--{option} {folder!r})")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "study_config.yaml")

@@ -21,6 +21,7 @@ CASES = {
     "eval": ["--models", MISSING, "--out", "{tmp}/eval"],
     "demo": ["--student", MISSING, "--out", "{tmp}/demo"],
     "synthetic": ["--losses", "procrustes", "no_such_loss", "--out", "{tmp}/syn"],
+    "study": ["--teacher", MISSING, "--out", "{tmp}/study"],
 }
 
 
