@@ -187,6 +187,7 @@ def forest_plot(results: dict, path: Path) -> None:
         ax.errorbar(d["mean"], i, xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], fmt="o", capsize=4,
                     color="tab:blue" if c["holm_p"] < 0.05 else "tab:gray")
     ax.axvline(0, color="black", lw=0.8)
+    ax.set_title("blue: paired t-test over training seeds, Holm-corrected p < 0.05; grey: not", fontsize=9)
     ax.set_yticks(range(len(rows)), [c["method"] for c in rows])
     ax.set_xlabel(f"ROUGE-L difference vs {rows[0]['reference']} (mean over {len(results['seeds'])} training "
                   f"seeds, 95% CI)")
@@ -214,7 +215,7 @@ def write_report(cfg: StudyConfig, results: dict, out: Path) -> str:
             b = c["bootstrap"]
             lines.append(f"| {c['method']} | {fmt(c['difference'])} | {c['t_p']:.3g} | {c['holm_p']:.3g} | "
                          f"{c['wilcoxon_p']:.3g} | {b['mean']:.2f} [{b['low']:.2f}, {b['high']:.2f}] | "
-                         f"{c['bootstrap_p']:.3g} |")
+                         f"{c['bootstrap_p']:.3g} |".replace("| 0 |", "| < 1e-4 |"))
     lines += ["", "Wilcoxon's exact test cannot reach p < 0.05 with fewer than 6 seeds; the bootstrap resamples "
               "prompts, so it speaks to these prompts, not to other training seeds.", "",
               "![differences against the reference](forest.png)"]
