@@ -464,3 +464,16 @@ def test_a_missing_split_and_a_tampered_tokenizer_are_named(prepared_tiny, tmp_p
     (prep / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
     proc = stage("train", *sft_args(prep, tmp_path / "run", "--max_steps", "1"))
     assert proc.returncode == 2 and "does not match the fingerprint in its manifest" in proc.stderr, proc.stderr
+
+
+def test_resume_refuses_a_checkpoint_others_could_have_written(prepared_tiny, tmp_path):
+    """DeepSpeed unpickles checkpoint files: a checkpoint with a world-writable file is refused, naming it, and
+    nothing is loaded from it or from an older one."""
+    out = tmp_path / "run"
+    args = sft_args(prepared_tiny, out, "--max_steps", "4", "--checkpoint_every", "2", "--valid_split", "")
+    assert stage("train", *args, "--stop_after", "2").returncode == 0
+    states = out / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt"
+    states.chmod(0o666)
+    proc = stage("train", *args, "--resume")
+    assert proc.returncode == 2 and "not safe to load" in proc.stderr and states.name in proc.stderr
+    assert "resumed from" not in proc.stdout and not (out / "model").exists()

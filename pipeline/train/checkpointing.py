@@ -5,7 +5,8 @@ continue exactly: the data position (epoch, optimizer steps done in it) and the 
 state, and each rank's RNG states in `rng-rank<r>.json` beside DeepSpeed's files (dropout draws; JSON, so no
 file of ours runs code when loaded). The RNG files are written before DeepSpeed writes `latest`, so `latest`
 never points at a checkpoint without them. DeepSpeed's own files are pickles, which torch loads with
-weights_only=False inside DeepSpeed: a checkpoint folder is code, so resume only from your own runs.
+weights_only=False inside DeepSpeed: a checkpoint folder is code. Resume therefore loads only folders this
+user owns and nobody else can write (check_written_by_us); trust beyond that is the user's own --out.
 
 The consolidated model is a plain Hugging Face directory (save_pretrained + tokenizer) of the student alone,
 gathered from the live engine: the module's weights for ZeRO 0-2 (every rank holds them whole), layer-by-layer
@@ -112,6 +113,21 @@ def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, 
     return root / tag
 
 
+def check_written_by_us(folder: Path) -> None:
+    """DeepSpeed unpickles its checkpoint files (torch.load with weights_only=False), so loading one runs whatever
+    it holds: refuse a checkpoint any of whose files or folders another user owns or anyone can write, the way
+    ssh refuses a key file others can change (group-writable stays allowed: umask 002 is common on shared
+    group storage). What remains trusted is the user's own --out."""
+    uid = os.getuid()
+    for path in [folder, *folder.rglob("*")]:
+        st = path.lstat()
+        if st.st_uid != uid or st.st_mode & 0o002:
+            who = "another user owns it" if st.st_uid != uid else f"mode {oct(st.st_mode & 0o777)} lets others write"
+            raise ConfigError(f"checkpoint {folder} is not safe to load: {path} ({who}); DeepSpeed unpickles "
+                              f"checkpoint files, so a file others can write could run code here. Resume only from "
+                              f"checkpoints you wrote, with the usual modes (chmod o-w)")
+
+
 def _load(engine: Any, root: Path, tag: str) -> dict[str, Any]:
     try:
         path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
@@ -137,6 +153,7 @@ def load_checkpoint(engine: Any, root: Path, dist: DistInfo) -> tuple[str, dict[
     if note and dist.is_main:
         print(f"[train] {note}")
     for i, tag in enumerate(order):
+        check_written_by_us(root / tag)  # a refusal stops the resume: no falling back past it
         try:
             client = _load(engine, root, tag)
             break
