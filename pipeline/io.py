@@ -126,6 +126,15 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
+def decode_utf8(path: str | Path, raw: bytes) -> str:
+    """The text of a file's bytes, or a DataError naming the line and byte that are not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+
+
 class _DuplicateKey(Exception):
     pass
 
@@ -148,11 +157,7 @@ def read_jsonl(path: str | Path, raw: bytes | None = None) -> list[tuple[int, An
             raw = path.read_bytes()
         except OSError as e:
             raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+    text = decode_utf8(path, raw)
     rows = []
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():

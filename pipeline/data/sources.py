@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from pipeline.data.builtin import BUILTIN_VERSION, builtin_split, parse_builtin_spec
 from pipeline.data.prompts import render_prompt
 from pipeline.errors import DataError
-from pipeline.io import read_jsonl, sha256_file, sha256_json
+from pipeline.io import decode_utf8, read_jsonl, sha256_file, sha256_json
 
 OUR_FIELDS = ("instruction", "input", "output", "prompt")
 
@@ -71,10 +71,7 @@ def _scan_jsonl(path: Path, raw: bytes) -> list[tuple[int, set[str]]]:
     """(line number, keys) of every record; raises DataError naming the line of the first bad one."""
     if path.suffix == ".json" and raw.lstrip().startswith(b"["):
         try:
-            items = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise DataError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
+            items = json.loads(decode_utf8(path, raw))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
         rows = []
