@@ -3,7 +3,9 @@
 #   ./run.sh setup            create or update .venv (idempotent)
 #   ./run.sh test [pytest args]
 #   ./run.sh demo [args]      the whole pipeline on the built-in data, on this machine
-#   ./run.sh <stage> [args]   prepare | cache | train | eval | synthetic | study
+#   ./run.sh <stage> [args]   prepare | cache | train | eval | synthetic | study | analyze
+#   ./run.sh get-model NAME --out DIR    a real pretrained model (smollm2-135m-instruct) as a model dir
+#   ./run.sh make-student --teacher DIR --layers 0,6,12 --out DIR   a student of the teacher's layers
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
@@ -48,10 +50,14 @@ case "$cmd" in
         setup; runtime_env
         export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
         exec "$PY" -m stages.demo "$@" ;;
-    prepare|cache|train|eval|synthetic|study)
+    prepare|cache|train|eval|synthetic|study|analyze)
         setup; runtime_env; exec "$PY" -m "stages.$cmd" "$@" ;;
+    get-model|make-student)
+        setup; runtime_env
+        export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+        exec "$PY" -m "stages.${cmd//-/_}" "$@" ;;
     help|-h|--help)
-        sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' ;;
+        sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' ;;
     *)
-        echo "unknown command '$cmd'" >&2; sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+        echo "unknown command '$cmd'" >&2; sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

@@ -15,29 +15,27 @@ a CPU at about half of it (BENCHMARKS.md).
     D_FG^2 = ||R_t^T R_t||^2 + ||R_s^T R_s||^2 - 2 ||R_s^T R_t||^2      (= ||R_t R_t^T - R_s R_s^T||^2)
     D_CKA  = 1 - ||R_s^T R_t||^2 / (||R_s^T R_s|| ||R_t^T R_t||)
 
-The nuclear norm avoids `torch.linalg.svdvals` (slow on GPUs, and its backward is unstable for repeated
-singular values): its value and its gradient, the polar factor of `M = R_s^T R_t`, come from one eigh of the
-smaller Gram `M M^T` (the default on every device), or from a Newton-Schulz polar iteration (matmuls only) run
-until it converges.
+Which rows: a real teacher's massive activations (Sun et al., COLM 2024) put one token at 100x the median norm
+(SmolLM2-135M: the first token at layers 15-25, 100-150x), and that one row then owns 98-99.7% of the centered
+energy, so every distance becomes the distance to one spike. A `TokenRule` decided on the teacher's rows leaves
+such rows out of both sides before normalization; the default leaves out rows above 4x the micro-batch's median
+norm, and leaves spike-free inputs exactly as they are (BENCHMARKS.md: how 4 was chosen).
+
+The nuclear norm of `M = R_s^T R_t` and its gradient (the polar factor of M): pipeline/nuclear.py.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
+from pipeline.nuclear import MATH_DTYPE, NuclearMethod, nuclear_norm  # noqa: F401 (nuclear_norm: re-exported)
 
-NuclearMethod = Literal["auto", "eigh", "newton_schulz", "svd"]
 _EPS = 1e-12
-MATH_DTYPE = torch.float64
-NEWTON_SCHULZ_MAX_STEPS = 100
-# Smallest / largest eigenvalue of M M^T below which eigh's polar factor goes wrong: measured on SmolLM2's layer
-# 20 against a close student, a ratio of 5e-10 gave a 22% gradient error; 1e-6 keeps eigh to well-conditioned M.
-_EIGH_RANGE = 1e-6
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,11 +58,73 @@ def select_tokens(x: Tensor, mask: Tensor | None = None) -> Tensor:
     raise ValueError(f"features must be [n, d] or [batch, seq, d], got shape {tuple(x.shape)}")
 
 
-def normalize_features(x: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Valid rows in float64, centered and scaled to unit Frobenius norm (a zero matrix stays zero)."""
+@dataclass(frozen=True)
+class TokenRule:
+    """Which valid token rows a feature distance compares, decided on the teacher's rows (the student's rows at
+    the same positions follow).
+
+    `max_norm_ratio` c > 0 leaves out rows whose norm exceeds c x the median row norm of the valid tokens
+    (0: keep every row); `row_normalize` scales every row to unit norm before centering. Written as text:
+    "outliers:4" (the default), "all", "rownorm", "outliers:4+rownorm".
+    """
+
+    max_norm_ratio: float = 4.0
+    row_normalize: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "TokenRule":
+        ratio, rownorm = 0.0, False
+        for part in text.replace(" ", "").split("+"):
+            if part == "all":
+                continue
+            if part == "rownorm":
+                rownorm = True
+            elif part.startswith("outliers:"):
+                try:
+                    ratio = float(part.split(":", 1)[1])
+                except ValueError:
+                    ratio = -1.0
+                if not ratio > 1.0:
+                    raise ConfigError(f"token rule {text!r}: outliers:C needs a number C > 1 (x the median norm)")
+            else:
+                raise ConfigError(f"unknown token rule {text!r}: use all, outliers:C (e.g. outliers:4), rownorm, "
+                                  f"or outliers:C+rownorm")
+        return cls(ratio, rownorm)
+
+    def __str__(self) -> str:
+        parts = ([f"outliers:{self.max_norm_ratio:g}"] if self.max_norm_ratio else []) + \
+            (["rownorm"] if self.row_normalize else [])
+        return "+".join(parts) or "all"
+
+    def select(self, teacher: Tensor, mask: Tensor | None = None) -> tuple[Tensor | None, int]:
+        """(mask of the rows to compare, number of valid rows left out). When nothing is left out the mask comes
+        back as given, so spike-free inputs are computed exactly as without the rule."""
+        if not self.max_norm_ratio:
+            return mask, 0
+        norms = torch.linalg.vector_norm(teacher.detach().float(), dim=-1)
+        valid = torch.ones_like(norms, dtype=torch.bool) if mask is None else mask.bool()
+        if valid.shape != norms.shape:
+            raise ValueError(f"mask of shape {tuple(valid.shape)} does not match features of shape "
+                             f"{tuple(teacher.shape)}")
+        if not bool(valid.any()):
+            return mask, 0
+        keep = valid & (norms <= self.max_norm_ratio * norms[valid].median())
+        dropped = int(valid.sum() - keep.sum())
+        return (mask, 0) if dropped == 0 else (keep, dropped)
+
+
+DEFAULT_TOKEN_RULE = TokenRule()
+ALL_TOKENS = TokenRule(0.0)
+
+
+def normalize_features(x: Tensor, mask: Tensor | None = None, row_normalize: bool = False) -> Tensor:
+    """Valid rows in float64, centered and scaled to unit Frobenius norm (a zero matrix stays zero); with
+    `row_normalize` every row is first scaled to unit norm."""
     r = select_tokens(x, mask).to(MATH_DTYPE)
     if r.shape[0] == 0:
         raise ValueError("no valid tokens: the mask selects nothing")
+    if row_normalize:
+        r = r / torch.linalg.vector_norm(r, dim=1, keepdim=True).clamp_min(_EPS)
     r = r - r.mean(dim=0, keepdim=True)
     norm = torch.linalg.vector_norm(r)
     return r / norm.clamp_min(_EPS)
@@ -75,9 +135,10 @@ def _result_dtype(*inputs: Tensor) -> torch.dtype:
     return torch.float64 if any(x.dtype == torch.float64 for x in inputs) else torch.float32
 
 
-def _pair(student: Tensor, teacher: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    rs = normalize_features(student, mask)
-    rt = normalize_features(teacher.detach(), mask)
+def _pair(student: Tensor, teacher: Tensor, mask: Tensor | None, rule: TokenRule) -> tuple[Tensor, Tensor]:
+    mask, _ = rule.select(teacher, mask)
+    rs = normalize_features(student, mask, rule.row_normalize)
+    rt = normalize_features(teacher.detach(), mask, rule.row_normalize)
     if rs.shape[0] != rt.shape[0]:
         raise ValueError(f"student has {rs.shape[0]} valid tokens, teacher {rt.shape[0]}: they must be the same tokens")
     return rs, rt
@@ -89,101 +150,6 @@ def _finish(sq: Tensor, squared: bool, dtype: torch.dtype = torch.float32) -> Te
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Nuclear norm with the polar factor as its gradient
-# ---------------------------------------------------------------------------------------------------------------
-def _nuclear_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
-    """||M||_* and the polar factor of M from eigh of the smaller Gram, in float64.
-
-    float64 because sqrt(eigenvalue) of a squared-condition Gram loses half the digits: in fp32 the small
-    singular values (most of them, for features) would be wrong by ~sqrt(eps) * sigma_max each.
-    """
-    wide = m.shape[0] <= m.shape[1]
-    a = (m if wide else m.T).double()
-    evals, evecs = torch.linalg.eigh(a @ a.T)
-    # The Gram squares the condition number, so small singular values keep few correct digits. A real teacher's
-    # massive-activation token puts most of M in one direction, and a close student's distance and gradient are
-    # then made of exactly those small values (SmolLM2-135M layer 20: a near-identical student's value 37x off,
-    # a top-64-PCA student's gradient 22% off). There the SVD of M itself is exact; elsewhere the cheaper eigh.
-    if evals.min() < evals.max() * _EIGH_RANGE:
-        value, polar = _nuclear_svd(m.double())
-        return value.to(m.dtype), polar.to(m.dtype)
-    evals = evals.clamp_min(0.0)
-    # Eigenvalues below the round-off of the largest are zero singular values: they add nothing to the value
-    # (their square roots would add ~sqrt(eps) each) and get no gradient (a valid subgradient there).
-    tol = evals.max().clamp_min(1e-300) * (a.shape[0] * torch.finfo(torch.float64).eps)
-    kept = evals > tol
-    sing = torch.where(kept, evals.sqrt(), torch.zeros_like(evals))
-    nuc = sing.sum()
-    inv_sqrt = torch.where(kept, 1.0 / sing.clamp_min(1e-300), torch.zeros_like(sing))
-    polar = (evecs * inv_sqrt) @ (evecs.T @ a)
-    polar = polar if wide else polar.T
-    return nuc.to(m.dtype), polar.to(m.dtype)
-
-
-def _nuclear_newton_schulz(m: Tensor, max_steps: int = NEWTON_SCHULZ_MAX_STEPS) -> tuple[Tensor, Tensor]:
-    """Polar factor by the cubic Newton-Schulz iteration X <- 1.5 X - 0.5 X X^T X (matmuls only), run until it
-    stops moving.
-
-    Scaling by the Frobenius norm puts every singular value in (0, 1], inside the iteration's (0, sqrt 3)
-    basin. A small singular value s grows by ~1.5x a step, so a fixed step count leaves the small ones of an
-    anisotropic M unconverged (30 steps: D_P^2 8.7% too high on LM-like features). Here the iteration stops
-    when a step moves X by less than 1e-10 x sqrt(rank) (Frobenius), which only singular values below that
-    size survive, or after `max_steps`. ||M||_* = <polar, M> is read off the iterate.
-    """
-    wide = m.shape[0] <= m.shape[1]
-    x = (m if wide else m.T).to(MATH_DTYPE)
-    x = x / torch.linalg.matrix_norm(x).clamp_min(_EPS)
-    tol = 1e-10 * math.sqrt(min(x.shape))
-    for _ in range(max_steps):
-        step = 0.5 * (x - (x @ x.T) @ x)
-        x = x + step
-        if torch.linalg.matrix_norm(step) < tol:
-            break
-    polar = (x if wide else x.T).to(m.dtype)
-    return (polar * m).sum(), polar
-
-
-def _nuclear_svd(m: Tensor) -> tuple[Tensor, Tensor]:
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    return s.sum(), u @ vh
-
-
-class _NuclearNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, m: Tensor, method: str) -> Tensor:  # type: ignore[override]
-        if method == "eigh":
-            value, polar = _nuclear_eigh(m)
-        elif method == "newton_schulz":
-            value, polar = _nuclear_newton_schulz(m)
-        else:
-            value, polar = _nuclear_svd(m)
-        ctx.save_for_backward(polar)
-        return value
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (polar,) = ctx.saved_tensors
-        return grad * polar, None
-
-
-def nuclear_norm(m: Tensor, method: NuclearMethod = "auto") -> Tensor:
-    """Sum of singular values of a 2-D matrix, differentiable (gradient = polar factor U V^T).
-
-    `auto` is float64 eigh of the smaller Gram on every device, and the float64 SVD of M itself where M's
-    spectrum spans more than the Gram resolves (a real teacher's massive activations): exact either way (checked
-    against a float64 SVD on SmolLM2-135M's layers 10 and 20). On an H100 eigh was no slower than a converged
-    Newton-Schulz at 2048x5120 (34 vs 51+ ms); bench/gpu_suite.sh measures both.
-    """
-    if m.dim() != 2:
-        raise ValueError(f"nuclear_norm expects a matrix, got shape {tuple(m.shape)}")
-    if method == "auto":
-        method = "eigh"
-    if method not in ("eigh", "newton_schulz", "svd"):
-        raise ValueError(f"unknown nuclear-norm method {method!r}: use auto, eigh, newton_schulz or svd")
-    return _NuclearNorm.apply(m, method)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Distances
 # ---------------------------------------------------------------------------------------------------------------
 def procrustes_distance(
@@ -192,9 +158,10 @@ def procrustes_distance(
     mask: Tensor | None = None,
     squared: bool = True,
     method: NuclearMethod = "auto",
+    rule: TokenRule = DEFAULT_TOKEN_RULE,
 ) -> Tensor:
     """Orthogonal Procrustes distance D_P (squared by default) between centered, unit-norm features."""
-    rs, rt = _pair(student, teacher, mask)
+    rs, rt = _pair(student, teacher, mask, rule)
     return _finish(2.0 - 2.0 * nuclear_norm(rs.T @ rt, method), squared, _result_dtype(student, teacher))
 
 
@@ -210,34 +177,38 @@ def _gram_sq_norms(rs: Tensor, rt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def feature_gram_distance(
-    student: Tensor, teacher: Tensor, mask: Tensor | None = None, squared: bool = True
+    student: Tensor, teacher: Tensor, mask: Tensor | None = None, squared: bool = True,
+    rule: TokenRule = DEFAULT_TOKEN_RULE,
 ) -> Tensor:
     """Feature Gram matrix distance D_FG = ||R_t R_t^T - R_s R_s^T||_F (squared by default), never forming n x n
     matrices when the feature widths are the smaller side."""
-    rs, rt = _pair(student, teacher, mask)
+    rs, rt = _pair(student, teacher, mask, rule)
     ss, tt, st = _gram_sq_norms(rs, rt)
     return _finish(tt + ss - 2.0 * st, squared, _result_dtype(student, teacher))
 
 
-def cka_distance(student: Tensor, teacher: Tensor, mask: Tensor | None = None, squared: bool = True) -> Tensor:
+def cka_distance(student: Tensor, teacher: Tensor, mask: Tensor | None = None, squared: bool = True,
+                 rule: TokenRule = DEFAULT_TOKEN_RULE) -> Tensor:
     """Linear CKA distance 1 - CKA (the CKA baseline's training objective and its reported value alike).
 
     1 - CKA is not a squared quantity, so `squared` changes nothing; it is accepted so that every feature
     distance can be called the same way."""
-    rs, rt = _pair(student, teacher, mask)
+    rs, rt = _pair(student, teacher, mask, rule)
     ss, tt, st = _gram_sq_norms(rs, rt)
     cka = st / (ss * tt).clamp_min(_EPS**2).sqrt()  # clamp inside the sqrt: finite gradient at 0
     return (1.0 - cka).clamp_min(0.0).to(_result_dtype(student, teacher))
 
 
-def procrustes_floor(teacher: Tensor, student_width: int, mask: Tensor | None = None, squared: bool = True) -> Tensor:
+def procrustes_floor(teacher: Tensor, student_width: int, mask: Tensor | None = None, squared: bool = True,
+                     rule: TokenRule = DEFAULT_TOKEN_RULE) -> Tensor:
     """Smallest D_P any student of width `student_width` can reach against these teacher features.
 
     With e the teacher's spectral energy beyond rank d_s (normalized features), the best unit-norm rank-d_s
     student has ||R_s^T R_t||_* = sqrt(1 - e) (von Neumann's trace inequality, attained by the truncated SVD),
     so D_P^2 >= 2 - 2 sqrt(1 - e). A floor well above 0 says the student is too narrow for that layer.
     """
-    rt = normalize_features(teacher.detach(), mask)
+    mask, _ = rule.select(teacher, mask)
+    rt = normalize_features(teacher.detach(), mask, rule.row_normalize)
     s2 = torch.linalg.svdvals(rt) ** 2
     dropped = s2[student_width:].sum().clamp(0.0, 1.0)
     return _finish(2.0 - 2.0 * (1.0 - dropped).sqrt(), squared)
@@ -255,18 +226,20 @@ class ProjectionMSE(nn.Module):
         self.proj = nn.Linear(d_student, d_teacher, bias=False)
         nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(d_student))
 
-    def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None, squared: bool = True) -> Tensor:
-        rs, rt = _pair(student, teacher, mask)
+    def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None, squared: bool = True,
+                rule: TokenRule = DEFAULT_TOKEN_RULE) -> Tensor:
+        rs, rt = _pair(student, teacher, mask, rule)
         # W in the math dtype too (its gradient flows back to the stored weight, whatever its dtype).
         diff = nn.functional.linear(rs, self.proj.weight.to(rs.dtype)) - rt
         return _finish((diff * diff).sum(), squared, _result_dtype(student, teacher))
 
 
 def projection_mse(
-    student: Tensor, teacher: Tensor, projection: ProjectionMSE, mask: Tensor | None = None, squared: bool = True
+    student: Tensor, teacher: Tensor, projection: ProjectionMSE, mask: Tensor | None = None, squared: bool = True,
+    rule: TokenRule = DEFAULT_TOKEN_RULE,
 ) -> Tensor:
     """Functional form of the projection-MSE baseline with a given `ProjectionMSE` module."""
-    return projection(student, teacher, mask, squared)
+    return projection(student, teacher, mask, squared, rule)
 
 
 def logit_kd(
@@ -293,26 +266,27 @@ def logit_kd(
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FeatureLoss:
-    """A feature distance called the same way for every loss: `loss(student, teacher, mask, params, squared)`.
+    """A feature distance called the same way for every loss: `loss(student, teacher, mask, params, squared, rule)`.
 
     `params` is the loss's trainable part for one layer pair (projection MSE's W), made by `make_params` and
     owned by whoever optimizes it (the training objective, the synthetic experiment); None for the others.
     """
 
     name: str
-    distance: Callable[[Tensor, Tensor, Tensor | None, bool], Tensor] | None = None
+    distance: Callable[..., Tensor] | None = None
     learned: bool = False
 
     def make_params(self, d_student: int, d_teacher: int) -> nn.Module | None:
         return ProjectionMSE(d_student, d_teacher) if self.learned else None
 
     def __call__(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None,
-                 params: nn.Module | None = None, squared: bool = True) -> Tensor:
+                 params: nn.Module | None = None, squared: bool = True, rule: TokenRule = DEFAULT_TOKEN_RULE
+                 ) -> Tensor:
         if self.learned:
             if params is None:
                 raise ValueError(f"feature loss {self.name!r} needs its parameters (make_params)")
-            return params(student, teacher, mask, squared)
-        return self.distance(student, teacher, mask, squared)
+            return params(student, teacher, mask, squared, rule)
+        return self.distance(student, teacher, mask, squared, rule=rule)
 
 
 FEATURE_LOSSES: dict[str, FeatureLoss] = {

@@ -215,7 +215,8 @@ def mapped_teacher_layers(pairs: Sequence[tuple[int, int]]) -> list[int]:
     return sorted({t for _, t in pairs})
 
 
-def _decoder(model: nn.Module) -> nn.Module:
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The module holding the decoder layers (OPT: model.decoder, Llama: model)."""
     for path in ("model.decoder", "decoder", "model"):
         obj = model
         for part in path.split("."):
@@ -226,7 +227,7 @@ def _decoder(model: nn.Module) -> nn.Module:
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return _decoder(model).layers
+    return decoder_of(model).layers
 
 
 class _StopForward(Exception):
@@ -294,7 +295,7 @@ def capture_hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, atten
     wanted: list[int | str] = list(layers) + ([FINAL] if final else [])
     if not wanted:
         raise ValueError("capture_hidden_states: no layers requested")
-    decoder = _decoder(model)
+    decoder = decoder_of(model)
     ints = [x for x in wanted if x != FINAL]
     with record_hidden_states(model, ints, stop_early=not final) as out:
         try:

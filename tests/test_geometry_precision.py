@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.geometry import (
-    ProjectionMSE, cka_distance, feature_gram_distance, normalize_features, procrustes_distance,
+    ALL_TOKENS, ProjectionMSE, cka_distance, feature_gram_distance, normalize_features, procrustes_distance,
 )
 
 N, D_S, D_T = 3000, 48, 160
@@ -69,15 +69,17 @@ def case(kind: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 
 def ours(name: str, method: str, student: torch.Tensor, teacher: torch.Tensor, proj: ProjectionMSE | None
          ) -> tuple[float, torch.Tensor]:
+    # Over every row, as the reference: the math must be exact even where one row owns the energy (the default
+    # token rule would leave that row out; tests/test_geometry.py checks the rule).
     s = student.detach().clone().requires_grad_(True)
     if name == "procrustes":
-        value = procrustes_distance(s, teacher, method=method)
+        value = procrustes_distance(s, teacher, method=method, rule=ALL_TOKENS)
     elif name == "fg":
-        value = feature_gram_distance(s, teacher)
+        value = feature_gram_distance(s, teacher, rule=ALL_TOKENS)
     elif name == "cka":
-        value = cka_distance(s, teacher)
+        value = cka_distance(s, teacher, rule=ALL_TOKENS)
     else:
-        value = proj(s, teacher)
+        value = proj(s, teacher, rule=ALL_TOKENS)
     value.backward()
     return float(value.detach()), s.grad.double()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.errors import ConfigError
-from pipeline.geometry import FEATURE_LOSSES
+from pipeline.geometry import FEATURE_LOSSES, TokenRule
 from pipeline.train.ds_config import PRECISIONS
 
 MODES = ("sft", "distill")
@@ -45,6 +45,9 @@ class TrainConfig:
         "help": "KD source: final (exact logits from the stored final state), topk, none, auto (final if stored, "
                 "else topk, else none when alpha is 0)"})
     kd_temperature: float = field(default=1.0, metadata={"help": "KD temperature"})
+    token_rule: str = field(default="outliers:4", metadata={
+        "help": "token rows the feature loss compares: outliers:C leaves out rows above C x the median teacher norm "
+                "(massive activations), all, rownorm, outliers:C+rownorm"})
     ds_config: str = field(default="ds_configs/auto.json", metadata={
         "help": "DeepSpeed JSON (ds_configs/); auto.json picks the ZeRO stage for the run (0 on one rank, else 2)"})
     precision: str = field(default="auto", metadata={
@@ -132,6 +135,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--alpha {cfg.alpha}: must be in [0, 1]")
     if cfg.beta < 0:
         raise ConfigError(f"--beta {cfg.beta}: must be >= 0")
+    TokenRule.parse(cfg.token_rule)  # a typo is a ConfigError naming the choices
     if cfg.kd_temperature <= 0:
         raise ConfigError(f"--kd_temperature {cfg.kd_temperature}: must be > 0")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0 or not 0.0 <= cfg.warmup_ratio < 1.0:

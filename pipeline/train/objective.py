@@ -8,7 +8,8 @@ returns every loss term, so the training loop logs what it optimizes.
 
 Teacher targets arrive as one `TeacherTargets` whatever their origin (pipeline/train/targets.py). Token sets: CE
 and KD use the response tokens that predict a label (labels != -100, shifted as in causal LM training); the
-feature distances use every non-pad token (prompt and response) of the micro-batch, as rows.
+feature distances use every non-pad token (prompt and response) of the micro-batch, as rows, less those the
+token rule leaves out (massive-activation rows of a real teacher; `rows_left_out/PAIR` logs how many).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from torch import Tensor, nn
 from pipeline.errors import ConfigError
 from pipeline.features.store import FeatureStore
 from pipeline.geometry import (
-    FeatureLoss, cka_distance, feature_gram_distance, feature_loss, logit_kd, procrustes_distance,
+    ALL_TOKENS, DEFAULT_TOKEN_RULE, FeatureLoss, TokenRule, cka_distance, feature_gram_distance, feature_loss,
+    logit_kd, procrustes_distance,
 )
 from pipeline.models import FINAL, layer_map, mapped_teacher_layers, record_hidden_states
 from pipeline.train.config import TrainConfig, parse_layer_map
@@ -45,6 +47,7 @@ class Objective:
     weights: tuple[float, ...]
     kd: KDSource
     temperature: float = 1.0
+    rule: TokenRule = DEFAULT_TOKEN_RULE
 
     @property
     def uses_features(self) -> bool:
@@ -101,7 +104,8 @@ def build_objective(cfg: TrainConfig, n_student: int, n_teacher: int, store: Fea
                               f"nor top-k logits (cache with --final or --topk_logits K, or pass --alpha 0)")
     if kd == "topk" and store is None:
         raise ConfigError("--kd topk reads stored top-k logits; the online teacher gives exact logits (--kd final)")
-    return Objective("distill", cfg.alpha, cfg.beta, cfg.loss, tuple(pairs), tuple(weights), kd, cfg.kd_temperature)
+    return Objective("distill", cfg.alpha, cfg.beta, cfg.loss, tuple(pairs), tuple(weights), kd, cfg.kd_temperature,
+                     TokenRule.parse(cfg.token_rule))
 
 
 def pair_key(s: int, t: int) -> str:
@@ -173,9 +177,11 @@ class StudentWithHeads(nn.Module):
         if loss is not None:
             feat = torch.zeros((), device=final.device, dtype=torch.float32)
             for (s, t), w in zip(obj.pairs, obj.weights):
-                d = loss(hidden[s], teacher.layers[t], attention_mask, self.projections[pair_key(s, t)]
-                         if loss.learned else None)
+                rows, left_out = obj.rule.select(teacher.layers[t], attention_mask)
+                d = loss(hidden[s], teacher.layers[t], rows, self.projections[pair_key(s, t)]
+                         if loss.learned else None, rule=TokenRule(0.0, obj.rule.row_normalize))
                 terms[pair_name(obj.loss, s, t)] = d
+                terms[f"rows_left_out/{pair_key(s, t)}"] = torch.tensor(float(left_out))
                 feat = feat + w * d
             total = total + obj.beta * feat
         terms["loss"] = total
@@ -222,11 +228,13 @@ def topk_kd(student_logits: Tensor, teacher_logprobs: Tensor, teacher_ids: Tenso
 @torch.no_grad()
 def feature_distances(student_hidden: dict[int, Tensor], teacher_layers: dict[int, Tensor], mask: Tensor,
                       pairs: Sequence[tuple[int, int]]) -> dict[str, Tensor]:
-    """D_P, D_FG and D_CKA (distances, not squared) for each mapped pair: the validation geometry report."""
+    """D_P, D_FG and D_CKA (distances, not squared) for each mapped pair: the validation geometry report, under
+    the default token rule whatever the run trained with (so runs compare), and over all tokens (`D_P_all/...`)."""
     out = {}
     for s, t in pairs:
         hs, ht = student_hidden[s], teacher_layers[t]
-        out[f"D_P/s{s}_t{t}"] = procrustes_distance(hs, ht, mask, squared=False)
-        out[f"D_FG/s{s}_t{t}"] = feature_gram_distance(hs, ht, mask, squared=False)
-        out[f"D_CKA/s{s}_t{t}"] = cka_distance(hs, ht, mask, squared=False)
+        for prefix, rule in (("", DEFAULT_TOKEN_RULE), ("_all", ALL_TOKENS)):
+            out[f"D_P{prefix}/s{s}_t{t}"] = procrustes_distance(hs, ht, mask, squared=False, rule=rule)
+            out[f"D_FG{prefix}/s{s}_t{t}"] = feature_gram_distance(hs, ht, mask, squared=False, rule=rule)
+            out[f"D_CKA{prefix}/s{s}_t{t}"] = cka_distance(hs, ht, mask, squared=False, rule=rule)
     return out

