@@ -142,8 +142,10 @@ def test_final_state_topk_and_lowrank(prepared_tiny, tiny_pair, tmp_path):
     assert torch.equal(indices.long(), want_i)
 
     report = ls.manifest["lowrank"]["layers"]["2"]
-    assert report["k"] == 16 and ls.feature_dim(2) == 128 and FeatureStore(low).feature_dim(2) == 16
-    assert ls.manifest["stats"]["bytes_per_token"]["feat.2"] == 16 * 4
+    k = report["k"]
+    assert report["k_principal"] == 16 and k == 16 + report["k_outlier"]
+    assert ls.feature_dim(2) == 128 and FeatureStore(low, reconstruct=False).feature_dim(2) == k
+    assert ls.manifest["stats"]["bytes_per_token"]["feat.2"] == k * 4
     # The energy the manifest reports is the energy the stored coefficients really keep.
     err = tot = 0.0
     mean = ls.lowrank_basis(2)[1]

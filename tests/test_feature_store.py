@@ -248,6 +248,35 @@ def test_pca_basis_energy_and_rotation_invariant_losses():
         assert torch.allclose(loss(student, coeffs), loss(student, recon), atol=1e-5)
 
 
+def test_lowrank_fits_without_massive_rows_and_keeps_them_faithfully():
+    """A real teacher's first token (100x the median norm, the same direction in every sample) must neither own
+    the PCA basis nor be lost by it."""
+    g = torch.Generator().manual_seed(1)
+    n, d = 2000, 48
+    scales = torch.linspace(3.0, 0.3, d, dtype=torch.float64)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * scales + 1.0
+    spike_dir = torch.randn(d, generator=g, dtype=torch.float64)
+    spike_dir /= spike_dir.norm()
+    first = torch.arange(0, n, 100)  # one "first token" per 100-token sample
+    x[first] = 100 * x.norm(dim=1).median() * spike_dir + 0.01 * torch.randn(len(first), d, generator=g,
+                                                                             dtype=torch.float64)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[first] = False
+    # What fit_lowrank does: PCA of the rows the rule keeps, then directions for the rows it leaves out.
+    assert lowrank.DEFAULT_TOKEN_RULE.select(x)[1] == len(first)
+    basis, mean, kept = lowrank.pca_basis(x[keep].sum(0), x[keep].T @ x[keep], int(keep.sum()), energy=0.9)
+    all_k = lowrank.pca_basis(x.sum(0), x.T @ x, n, energy=0.9)[0].shape[1]
+    assert all_k <= 2 < basis.shape[1]  # fitted on every row, the spike alone "explains" 90%
+    extra, err = lowrank.outlier_directions(x[first], basis.double(), mean.double())
+    assert 1 <= extra.shape[1] <= 3 and err < 1e-3
+    full = torch.cat([basis.double(), extra], dim=1)
+    assert torch.allclose(full.T @ full, torch.eye(full.shape[1], dtype=torch.float64), atol=1e-6)  # fp32 basis
+    recon = ((x - mean.double()) @ full) @ full.T + mean.double()
+    rel = (recon[first] - x[first]).norm(dim=1) / x[first].norm(dim=1)
+    assert float(rel.max()) < 1e-3  # the massive rows come back as they were
+    assert lowrank.energy_kept(x[keep].sum(0), x[keep].T @ x[keep], int(keep.sum()), full, mean.double()) >= kept
+
+
 def test_pad_features_aligns_with_right_padding():
     items = [{"features": {2: torch.ones(3, 4)}}, {"features": {2: 2 * torch.ones(1, 4)}}]
     out = pad_features(items, T=5, dtype=torch.float32)[2]

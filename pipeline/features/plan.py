@@ -208,8 +208,11 @@ def summary(manifest: dict[str, Any], wall_s: float, computed_tokens: int | None
         if not name.startswith("crc."):
             lines.append(f"  {name:<14} {b:10.1f} bytes/token")
     for layer, r in (manifest.get("lowrank") or {}).get("layers", {}).items():
-        lines.append(f"  low-rank layer {layer}: k={r['k']} of d={r['d']}, energy kept {r['energy_fit']:.4f} on the "
-                     f"fit sample, {r.get('energy_store', float('nan')):.4f} over the store; k for energy "
+        lines.append(f"  low-rank layer {layer}: k={r['k']} of d={r['d']}"
+                     + (f" ({r['k_principal']} principal + {r['k_outlier']} for {r['outlier_tokens']} outlier "
+                        f"tokens, their error {r['outlier_rel_error']:.1e})" if "k_outlier" in r else "")
+                     + f", energy kept {r['energy_fit']:.4f} on the fit sample without outliers, "
+                     f"{r.get('energy_store', float('nan')):.4f} over the store; k for energy "
                      + ", ".join(f"{e}: {k}" for e, k in r["k_for_energy"].items()))
     return "\n".join(lines)
 

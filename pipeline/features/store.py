@@ -27,13 +27,14 @@ class FeatureStore:
     or after a fork. Every read checks the sample's CRC32 (`check_samples=False` skips that); `verify=True` also
     hashes every file against the manifest on open; a size check of every shard always runs.
 
-    Low-rank stores: `get` returns the k PCA coefficients per token by default (the geometry losses are invariant
-    to rotations of the teacher's space and the mean is removed by their centering, so coefficients give the same
-    D_P / D_FG / CKA as the reconstruction); `reconstruct=True` returns `coeffs @ basis.T + mean` in fp32.
+    Low-rank stores: `get` returns `coeffs @ basis.T + mean` in fp32 by default, so the token rule sees each row's
+    true norm (centred coefficients would change which rows count as massive); `reconstruct=False` returns the
+    k coefficients themselves (the same D_P / D_FG / CKA over all tokens: the distances are invariant to
+    rotations of the teacher's space and remove the mean).
     """
 
     def __init__(
-        self, path: str | Path, *, verify: bool = False, reconstruct: bool = False, check_samples: bool = True
+        self, path: str | Path, *, verify: bool = False, reconstruct: bool = True, check_samples: bool = True
     ) -> None:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
