@@ -41,6 +41,8 @@ class Sample:
     index: int  # position in the set (after --max-samples); keys the sampling noise and the output order
     prompt: str
     references: tuple[str, ...]
+    instruction: str = ""  # what --template chat renders with a model's chat template ("" when only a prompt
+    input: str = ""  # field was given: the chat template then wraps that prompt text)
 
 
 @dataclass(frozen=True)
@@ -76,20 +78,22 @@ def record_to_sample(record: Any, index: int, fields: dict[str, str], where: str
         raise BenchmarkError(f"{where}: field '{m['output']}' must be a string or a non-empty list of strings")
 
     prompt = record.get(m["prompt"])
+    instruction = record.get(m["instruction"])
+    input_text = record.get(m["input"]) or ""
     if prompt is not None:
         if not isinstance(prompt, str) or not prompt:
             raise BenchmarkError(f"{where}: field '{m['prompt']}' must be a non-empty string")
     else:
-        instruction = record.get(m["instruction"])
         if not isinstance(instruction, str) or not instruction.strip():
             raise BenchmarkError(
                 f"{where}: needs a '{m['prompt']}' or a non-empty '{m['instruction']}' string to build the prompt"
             )
-        input_text = record.get(m["input"]) or ""
         if not isinstance(input_text, str):
             raise BenchmarkError(f"{where}: field '{m['input']}' must be a string")
         prompt = render_prompt(instruction, input_text)
-    return Sample(index=index, prompt=prompt, references=references)
+    plain = isinstance(instruction, str) and instruction.strip() and isinstance(input_text, str)
+    return Sample(index=index, prompt=prompt, references=references, instruction=instruction if plain else "",
+                  input=input_text if plain else "")
 
 
 def read_jsonl(path: Path, fields: dict[str, str], max_samples: int = 0) -> list[Sample]:

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.data.prompts import check_template
 from pipeline.data.sources import parse_field_map
 from pipeline.errors import ConfigError, DataError
 from pipeline.runtime import dtype_name
@@ -60,6 +61,8 @@ class EvalConfig:
         metadata={"help": "right (MiniLLM's evaluation, the default): keep the first max_prompt_length tokens; "
                           "left: keep leading special tokens + the last tokens (the response cue survives)"},
     )
+    template: str = field(default="alpaca", metadata={
+        "help": "prompt format: alpaca (MiniLLM's, the published tables') or chat (each model's chat template)"})
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -67,6 +70,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         dtype_name(self.dtype, "dtype", allow_auto=True)  # the same names as cache and train
+        check_template(self.template)
         if self.prompt_truncation not in ("left", "right"):
             raise ConfigError(f"prompt_truncation: expected left or right, got {self.prompt_truncation!r}")
         if self.batch_size < 1:

@@ -92,7 +92,7 @@ class SuppressBeyondVocab(LogitsProcessor):
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[tuple[int, str]], max_prompt_length: int,
-                   truncation: str = "right") -> list[EncodedPrompt]:
+                   truncation: str = "right", add_special_tokens: bool = True) -> list[EncodedPrompt]:
     """Tokenize (index, prompt) pairs with the model's own special tokens, fitting each into max_prompt_length.
 
     right (the default): keep the first max_prompt_length tokens, as MiniLLM's evaluation does (its
@@ -102,7 +102,7 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[tuple[int, str]], max_promp
     special = set(tokenizer.all_special_ids)
     encoded = []
     for index, text in prompts:
-        ids = list(tokenizer(text)["input_ids"])
+        ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
         dropped = max(0, len(ids) - max_prompt_length)
         if dropped:
             if truncation == "right":

@@ -21,6 +21,7 @@ from eval.config import EvalConfig
 from eval.generate import GenerationSettings, encode_prompts, generate_all, plan_batches
 from eval.report import write_reports
 from eval.scoring import aggregate, score_all
+from pipeline.data.prompts import chat_prompt
 from pipeline.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import atomic_path, check_folder_is_ours, read_json, write_json_atomic
@@ -100,14 +101,15 @@ def _check_record(path: Path, want: dict[str, Any], what: str, has_results: bool
     write_json_atomic(path, want)
 
 
-def _write_run(path: Path, bench: Benchmark, records: list[dict[str, Any]], seed: int | None) -> list[float]:
+def _write_run(path: Path, bench: Benchmark, records: list[dict[str, Any]], seed: int | None,
+               prompts: dict[int, str]) -> list[float]:
     records = sorted(records, key=lambda r: r["index"])
     if [r["index"] for r in records] != list(range(len(bench.samples))):
         raise RuntimeError(f"{path}: gathered {len(records)} generations for {len(bench.samples)} samples")
     scores = score_all([r["generation"] for r in records], [s.references for s in bench.samples])
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for r, s, score in zip(records, bench.samples, scores):
-            row = {"index": s.index, "seed": seed, "prompt": s.prompt, "references": list(s.references),
+            row = {"index": s.index, "seed": seed, "prompt": prompts[s.index], "references": list(s.references),
                    "generation": r["generation"], "score": score, "new_tokens": r["new_tokens"],
                    "prompt_tokens": r["prompt_tokens"], "prompt_truncated": r["prompt_truncated"]}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -128,6 +130,15 @@ def _summary(folder: Path, bench: Benchmark, config: EvalConfig) -> dict[str, An
     result.update(mode="greedy" if config.greedy else "sampling", source=bench.source,
                   mean_new_tokens=sum(tokens) / len(tokens), prompts_truncated=truncated)
     return result
+
+
+def prompt_texts(samples: Sequence[Any], template: str, tokenizer: Any) -> list[tuple[int, str]]:
+    """(index, prompt text) for one model: the Alpaca prompt, or the model's chat template around the
+    instruction (around the given prompt text for records that carry only a prompt)."""
+    if template == "alpaca":
+        return [(s.index, s.prompt) for s in samples]
+    return [(s.index, chat_prompt(tokenizer, s.instruction, s.input) if s.instruction else
+             chat_prompt(tokenizer, s.prompt)) for s in samples]
 
 
 def _plan(config: EvalConfig, names: list[str], benches: list[Benchmark], protocol: dict[str, Any],
@@ -176,8 +187,11 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     )
     protocol = {**settings.__dict__, "dtype": str(dtype).removeprefix("torch."), "max_samples": config.max_samples,
                 "field_map": config.fields(), "metric": "rougeL F1 x100, rouge_score stemmer, max over references",
+                "template": config.template,
                 "prompt_encoding": "the tokenizer's default special tokens (OPT's start token prepended), as "
-                                   "MiniLLM's evaluation encodes prompts",
+                                   "MiniLLM's evaluation encodes prompts" if config.template == "alpaca" else
+                                   "each model's chat template around the instruction, its special tokens as "
+                                   "written by the template (none added)",
                 "prompt_truncation_rule": {"right": "the first max_prompt_length tokens are kept (MiniLLM)",
                                            "left": "leading special tokens and the last tokens are kept"}[
                     config.prompt_truncation]}
@@ -203,8 +217,10 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         for bench in benches:
             if bench.name not in pending:
                 continue
-            encoded = encode_prompts(tokenizer, [(s.index, s.prompt) for s in bench.samples],
-                                     config.max_prompt_length, config.prompt_truncation)
+            texts = prompt_texts(bench.samples, config.template, tokenizer)
+            encoded = encode_prompts(tokenizer, texts,
+                                     config.max_prompt_length, config.prompt_truncation,
+                                     add_special_tokens=config.template == "alpaca")
             batches = plan_batches(encoded, config.batch_size)
             for seed in pending[bench.name]:
                 label = "greedy" if seed is None else f"seed {seed}"
@@ -214,7 +230,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                 records = gather_lists(mine, info.world_size)
                 if info.is_main:
                     scores = _write_run(_run_file(out / "generations" / name / bench.name, seed), bench, records,
-                                        seed)
+                                        seed, dict(texts))
                     print(f"[eval] {name} / {bench.name} / {label}: ROUGE-L {sum(scores) / len(scores):.2f} "
                           f"({len(scores)} samples, {time.time() - t:.1f}s)", flush=True)
         del model

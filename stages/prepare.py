@@ -86,7 +86,7 @@ def write_prepared(config: PrepareConfig, out: Path, planned: dict, examples: li
                    start: float) -> Path:
     """2. Tokenize, split, write; the manifest goes last."""
     samples, report = tokenize_examples(examples, tok, config.max_prompt_len, config.max_len,
-                                        config.prompt_overflow)
+                                        config.prompt_overflow, config.template)
     if not samples:
         raise DataError(f"no samples left out of {len(examples)} examples (dropped: {report['dropped']})")
     report["duplicates"] = count_duplicates(samples)

@@ -197,3 +197,31 @@ def test_train_and_eval_a_llama_student_on_stored_real_features(real_run, smollm
     for name in ("teacher", "student"):
         r = results[name]["dolly"]
         assert r["n_samples"] == 3 and r["mode"] == "greedy" and 0 <= r["mean"] <= 100
+    chat = real_run["root"] / "eval_chat"
+    stage("eval", "--models", str(smollm2), "--names", "teacher", "--benchmarks", "dolly", "--max-samples", "2",
+          "--greedy", "--max-new-tokens", "8", "--template", "chat", "--out", str(chat))
+    rows = [json.loads(x) for x in (chat / "generations/teacher/dolly/greedy.jsonl").read_text().splitlines()]
+    assert all(r["prompt"].startswith("<|im_start|>system") and r["prompt"].endswith("<|im_start|>assistant\n")
+               for r in rows)
+    assert json.loads((chat / "protocol.json").read_text())["template"] == "chat"
+
+
+def test_the_chat_template_keeps_its_special_tokens_and_its_assistant_header(smollm2):
+    from transformers import AutoTokenizer
+
+    from pipeline.data.prepared import tokenize_examples
+    from pipeline.data.sources import Example
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    long_input = "word " * 400
+    examples = [Example("Name a fish.", "", ["Tope."], "unused"), Example("Summarize.", long_input, ["Ok."], "")]
+    samples, report = tokenize_examples(examples, tok, max_prompt_len=96, max_len=128, template="chat")
+    header = tok("<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    for sample in samples:
+        prompt = list(sample.input_ids[: sample.prompt_len])
+        assert prompt[0] == im_start and prompt[-len(header):] == header  # also after truncation
+        assert sample.input_ids[-1] == tok.eos_token_id
+    assert report["truncated"]["prompt"] == 1 and samples[1].prompt_len == 96
+    alpaca, _ = tokenize_examples(examples[:1], tok, max_prompt_len=96, max_len=128)
+    assert im_start not in alpaca[0].input_ids[: alpaca[0].prompt_len]

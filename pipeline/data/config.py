@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pipeline.data.prompts import check_template
 from pipeline.errors import ConfigError
 
 # Config fields that name where things are rather than what is produced: not part of the fingerprint.
@@ -21,6 +22,8 @@ class PrepareConfig:
         "help": "field map OURS=THEIRS for other formats, e.g. output=answer (also --field_map, eval's name)",
         "aliases": ["--field_map"]})
     hub_split: str = field(default="train", metadata={"help": "split to load for a hub dataset name"})
+    template: str = field(default="alpaca", metadata={
+        "help": "prompt format: alpaca (MiniLLM's, the published tables') or chat (the tokenizer's chat template)"})
     max_prompt_len: int = field(default=256, metadata={"help": "prompt tokens at most (with the BOS token)"})
     max_len: int = field(default=512, metadata={"help": "prompt + response tokens at most"})
     prompt_overflow: Literal["truncate", "drop"] = field(
@@ -51,5 +54,6 @@ def check_config(config: PrepareConfig) -> None:
         raise ConfigError("give --valid_fraction or --valid_size, not both")
     if not 0.0 <= config.valid_fraction < 1.0 or config.valid_size < 0:
         raise ConfigError("--valid_fraction must be in [0, 1) and --valid_size >= 0")
+    check_template(config.template)
     if not 0 < config.max_prompt_len < config.max_len:
         raise ConfigError(f"need 0 < --max_prompt_len ({config.max_prompt_len}) < --max_len ({config.max_len})")

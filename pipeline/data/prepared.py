@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from pipeline.data.prompts import chat_prompt, chat_suffix
 from pipeline.data.sources import Example
 from pipeline.data.tokenizer import encode_text, load_tokenizer, tokenizer_fingerprint
 from pipeline.errors import ConfigError, DataError
@@ -46,16 +47,26 @@ class Sample:
 
 
 def tokenize_examples(examples: Sequence[Example], tok: PreTrainedTokenizerBase, max_prompt_len: int = 256,
-                      max_len: int = 512, prompt_overflow: str = "truncate") -> tuple[list[Sample], dict]:
-    """Token samples (sample_id = position in `examples`) and a report of what was truncated or dropped."""
-    prefix = tok("")["input_ids"]  # what the tokenizer itself puts in front of any text (OPT: </s>)
-    tail = len(encode_text(tok, RESPONSE_MARKER))
+                      max_len: int = 512, prompt_overflow: str = "truncate", template: str = "alpaca"
+                      ) -> tuple[list[Sample], dict]:
+    """Token samples (sample_id = position in `examples`) and a report of what was truncated or dropped.
+
+    `template` chat renders each instruction with the tokenizer's chat template; its special tokens are parsed
+    as such (the template's own), and nothing is put in front (the template supplies any start token)."""
+    chat = template == "chat"
+    if chat:
+        examples = [replace(e, prompt=chat_prompt(tok, e.instruction, e.input)) for e in examples]
+        prefix, tail = [], len(tok(chat_suffix(tok), add_special_tokens=False)["input_ids"])
+    else:
+        prefix = tok("")["input_ids"]  # what the tokenizer itself puts in front of any text (OPT: </s>)
+        tail = len(encode_text(tok, RESPONSE_MARKER))
     if prompt_overflow not in ("truncate", "drop"):
         raise ConfigError(f"prompt_overflow={prompt_overflow!r}: choose 'truncate' or 'drop'")
     if not len(prefix) + tail < max_prompt_len < max_len:
         raise ConfigError(f"need {len(prefix) + tail} < max_prompt_len ({max_prompt_len}) < max_len ({max_len})")
     batch = dict(add_special_tokens=False, split_special_tokens=True)
-    prompt_ids = tok([e.prompt for e in examples], **batch)["input_ids"]
+    prompt_ids = tok([e.prompt for e in examples], add_special_tokens=False, split_special_tokens=not chat
+                     )["input_ids"]
     response_ids = tok([e.references[0] for e in examples], **batch)["input_ids"]
     dropped = {"empty_output": 0, "prompt_too_long": 0}
     truncated = {"prompt": 0, "response": 0}
