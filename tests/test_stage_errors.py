@@ -22,6 +22,9 @@ CASES = {
     "demo": ["--student", MISSING, "--out", "{tmp}/demo"],
     "synthetic": ["--losses", "procrustes", "no_such_loss", "--out", "{tmp}/syn"],
     "study": ["--teacher", MISSING, "--out", "{tmp}/study"],
+    "analyze": ["--data", MISSING, "--teacher", MISSING, "--out", "{tmp}/analysis"],
+    "get_model": [f"{MISSING}.gguf", "--out", "{tmp}/model", "--cache", "{tmp}/cache"],
+    "make_student": ["--teacher", MISSING, "--layers", "0,1", "--out", "{tmp}/student"],
 }
 
 
@@ -31,7 +34,8 @@ def test_a_missing_input_is_one_line_and_exit_2(stage, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
-    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"[{stage}] error:")]
+    name = stage.replace("_", "-")  # ./run.sh get-model, make-student
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"[{name}] error:")]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert len(lines) == 1, proc.stderr[-3000:]
