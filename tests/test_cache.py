@@ -215,3 +215,32 @@ def test_teacher_placement_decisions():
         teacher_placement(100 * gib, 80 * gib, 2, 1, False)
     with pytest.raises(StoreError, match="all 1 GPUs together are too small"):
         teacher_placement(100 * gib, 80 * gib, 1, 1, True)
+
+
+def test_an_untied_llama_head_is_stored_and_gives_exact_logits(prepared_tiny, tmp_path):
+    """Llama-family teachers with their own LM head (not the embedding): the store keeps that head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("builtin-tiny")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    model.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    out = tmp_path / "store"
+    assert main(cache_args(prepared_tiny, tmp_path / "llama", out, "--layers", "2", "--final", "--split", "valid",
+                           "--dtype", "fp32", "--progress", "false")) == 0
+    store = FeatureStore(out)
+    assert torch.equal(store.lm_head_weight(), model.lm_head.weight.detach())
+    item = PreparedData(prepared_tiny).split("valid")[0]
+    with torch.no_grad():
+        logits = model(input_ids=item["input_ids"][None]).logits[0]
+        layer2 = capture_hidden_states(model, item["input_ids"][None], None, [2])[2][0]
+    stored = store.get(item["sample_id"])
+    torch.testing.assert_close(stored["final"] @ store.lm_head_weight().T, logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stored[2], layer2, atol=1e-5, rtol=1e-5)
