@@ -3,7 +3,6 @@ tokenizer, embeddings, final norm and head; every other layer dropped), for OPT,
 decoder keeps its layers in one `layers` list."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,8 +33,9 @@ def parse_layer_list(text: str, n_layers: int) -> list[int]:
 
 
 def keep_layers(model: nn.Module, layers: Sequence[int]) -> nn.Module:
-    """A copy of `model` whose decoder holds only `layers` (0-based), in order; the config says the new depth."""
-    student = copy.deepcopy(model)
+    """`model` itself, its decoder cut down to `layers` (0-based), in order; the config says the new depth. In
+    place, so a large teacher is never held twice."""
+    student = model
     decoder = decoder_of(student)
     decoder.layers = nn.ModuleList([decoder.layers[i] for i in layers])
     for new_index, layer in enumerate(decoder.layers):
