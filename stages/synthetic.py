@@ -29,6 +29,7 @@ import torch
 from pipeline.config import save_config, stage_main
 from pipeline.geometry import (
     FEATURE_LOSSES,
+    TokenRule,
     cka_distance,
     feature_gram_distance,
     feature_loss,
@@ -54,6 +55,9 @@ class SyntheticConfig:
     lr: float = 0.01
     log_every: int = 10
     losses: list[str] = field(default_factory=lambda: list(LOSSES))
+    massive: float = field(default=0.0, metadata={
+        "help": "scale the first vector by this factor, as a real teacher's massive first token (0 = off)"})
+    token_rule: str = field(default="outliers:4", metadata={"help": "rows the trained loss compares (geometry.py)"})
     seed: int = 0
     out: str = "runs/synthetic"
     sweep_directions: list[int] = field(default_factory=list, metadata={
@@ -70,7 +74,10 @@ def make_teacher(cfg: SyntheticConfig, gen: torch.Generator) -> tuple[torch.Tens
     sign = torch.randint(0, 2, (cfg.n,), generator=gen).float() * 2 - 1
     length = 1.0 + 0.3 * torch.rand(cfg.n, generator=gen)
     vectors = basis.T[direction] * (sign * length)[:, None]
-    return vectors + cfg.noise * torch.randn(cfg.n, cfg.d_teacher, generator=gen), direction
+    vectors = vectors + cfg.noise * torch.randn(cfg.n, cfg.d_teacher, generator=gen)
+    if cfg.massive:
+        vectors[0] *= cfg.massive
+    return vectors, direction
 
 
 def orthogonal_pairs(x: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -103,12 +110,13 @@ def optimise(loss_name: str, student0: torch.Tensor, teacher: torch.Tensor, teac
              cfg: SyntheticConfig) -> list[dict]:
     student = student0.clone().requires_grad_(True)
     objective = feature_loss(loss_name)
+    rule = TokenRule.parse(cfg.token_rule)
     loss_params = objective.make_params(cfg.d_student, cfg.d_teacher)  # projection MSE's W, else None
     params = [student] + (list(loss_params.parameters()) if loss_params is not None else [])
     opt = torch.optim.Adam(params, lr=cfg.lr)
     rows = []
     for step in range(cfg.steps + 1):
-        loss = objective(student, teacher, None, loss_params)
+        loss = objective(student, teacher, None, loss_params, rule=rule)
         if step % cfg.log_every == 0 or step == cfg.steps:
             rows.append({"loss": loss_name, "step": step, "objective": loss.item(),
                          **measure(student.detach(), teacher, teacher_pairs, cfg.epsilon)})

@@ -1,6 +1,7 @@
 """The synthetic experiment runs end to end and its geometry bookkeeping is right."""
 import csv
 
+import pytest
 import torch
 
 from pipeline.config import parse_config
@@ -44,3 +45,22 @@ def test_the_sweep_covers_fewer_and_more_directions_than_the_student_has_dimensi
         kept[int(r["directions"]), r["loss"]].append(float(r["orth_pairs_kept"]))
     # 4 orthogonal directions fit a width-8 student; 16 cannot all stay orthogonal in 8 dimensions.
     assert min(kept[4, "procrustes"]) > 0.9 and max(kept[16, "procrustes"]) < min(kept[4, "procrustes"])
+
+
+def test_a_massive_first_vector_changes_nothing_under_the_default_rule():
+    """A real teacher's first token at 100x the others: under the default token rule the experiment comes out as
+    without it; over all tokens the spike pulls the feature-Gram student off the other vectors' geometry."""
+    from stages.synthetic import SyntheticConfig, experiment
+
+    def final(massive: float, rule: str) -> dict[str, dict]:
+        cfg = SyntheticConfig(massive=massive, token_rule=rule, losses=["procrustes", "fg"], steps=150,
+                              out="/nonexistent")
+        rows, _, _ = experiment(cfg, verbose=False)
+        return {loss: [r for r in rows if r["loss"] == loss][-1] for loss in cfg.losses}
+
+    clean, spiked, all_tokens = final(0, "outliers:4"), final(100, "outliers:4"), final(100, "all")
+    for loss in ("procrustes", "fg"):
+        for metric in ("D_P", "D_FG", "D_CKA"):
+            assert spiked[loss][metric] == pytest.approx(clean[loss][metric], rel=0.01, abs=1e-4), (loss, metric)
+    assert all_tokens["fg"]["D_FG"] > 3 * spiked["fg"]["D_FG"]
+    assert all_tokens["fg"]["orth_pairs_kept"] < spiked["fg"]["orth_pairs_kept"]
