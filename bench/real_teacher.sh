@@ -3,11 +3,14 @@
 # ROUGE-L on Dolly / Self-Instruct / Vicuna, and a 6-of-30-layer student distilled from it with SFT, KD,
 # KD+Procrustes under the default token rule and KD+Procrustes over all tokens (same data, steps and seed).
 #   bash bench/real_teacher.sh [OUT]     (default runs/real_bench; reruns skip finished steps)
-# Sizes: SAMPLES training records, STEPS steps of 8, PROMPTS prompts per set; override through the environment.
+# Sizes: SAMPLES training records, STEPS steps of 8, PROMPTS Dolly prompts per student, TEACHER_PROMPTS prompts per
+# set for the teacher (its 135M-parameter generations run ~3x longer than the students'); override through the
+# environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-runs/real_bench}"
-SAMPLES="${SAMPLES:-1200}" STEPS="${STEPS:-150}" PROMPTS="${PROMPTS:-100}" SEED="${SEED:-0}"
+SAMPLES="${SAMPLES:-1200}" STEPS="${STEPS:-150}" PROMPTS="${PROMPTS:-100}" TEACHER_PROMPTS="${TEACHER_PROMPTS:-50}"
+SEED="${SEED:-0}"
 D="${GEOKD_SHARED_DATA:-../shared}/data/instruct"
 mkdir -p "$OUT/logs"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1  # two lanes of one thread each: a 2-core machine, no oversubscription
@@ -39,13 +42,16 @@ lane1=$!
 lane2=$!
 wait $lane1 $lane2
 
-ev=(--max-samples "$PROMPTS" --seeds 10 --batch-size 16 --dtype fp32)
+ev=(--seeds 10 --batch-size 16 --dtype fp32)
 ( step eval_teacher ./run.sh eval --models models/smollm2 --names teacher --benchmarks dolly self_inst vicuna \
-      "${ev[@]}" --out "$OUT/eval_teacher" ) &
+      --max-samples "$TEACHER_PROMPTS" "${ev[@]}" --out "$OUT/eval_teacher"
+  step eval_teacher_chat ./run.sh eval --models models/smollm2 --names teacher --benchmarks dolly \
+      --max-samples "$TEACHER_PROMPTS" "${ev[@]}" --template chat --out "$OUT/eval_teacher_chat" ) &
 lane1=$!
 ( step eval_students ./run.sh eval --models "$OUT/student_init" "$OUT/sft/model" "$OUT/kd/model" \
       "$OUT/kd_procrustes/model" "$OUT/kd_procrustes_all/model" \
-      --names init sft kd kd_procrustes kd_procrustes_all --benchmarks dolly "${ev[@]}" --out "$OUT/eval_students" ) &
+      --names init sft kd kd_procrustes kd_procrustes_all --benchmarks dolly --max-samples "$PROMPTS" "${ev[@]}" \
+      --out "$OUT/eval_students" ) &
 lane2=$!
 wait $lane1 $lane2
 step report .venv/bin/python bench/real_teacher_report.py "$OUT"
