@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -20,6 +21,8 @@ from pipeline.features.store import FeatureStore  # noqa: E402
 from pipeline.geometry import ALL_TOKENS, DEFAULT_TOKEN_RULE, cka_distance, feature_gram_distance  # noqa: E402
 from pipeline.geometry import procrustes_distance  # noqa: E402
 from pipeline.models import capture_hidden_states, load_model  # noqa: E402
+from pipeline.stats import paired_bootstrap  # noqa: E402
+from pipeline.steps import per_prompt_scores  # noqa: E402
 
 PAIRS = [(4, 20), (6, 30)]
 STUDENTS = {"init": "student_init", "sft": "sft/model", "kd": "kd/model", "kd_procrustes": "kd_procrustes/model",
@@ -73,23 +76,35 @@ def main(root: Path) -> None:
     teacher = json.loads((root / "eval_teacher/scores.json").read_text())["results"]["teacher"]
     students = json.loads((root / "eval_students/scores.json").read_text())["results"]
     minutes = train_minutes(root)
+    seeds = [int(x) for x in students["kd"]["dolly"]["per_seed"]]
+    prompts = {n: np.asarray([per_prompt_scores(root / "eval_students", n, "dolly", seeds)]) for n in STUDENTS}
     rows = {}
     for name, rel in STUDENTS.items():
+        diff, p = paired_bootstrap(prompts[name], prompts["kd"])
         rows[name] = {"rouge_l_dolly": students[name]["dolly"]["mean"], "n_prompts": students[name]["dolly"]["n_samples"],
+                      "vs_kd": {"mean": diff.mean, "low": diff.low, "high": diff.high, "bootstrap_p": p},
                       "train_minutes": minutes.get(name), **valid_measures(root / rel, data, store, tok.pad_token_id)}
     report = {"teacher": {k: {"rouge_l": v["mean"], "n_prompts": v["n_samples"], "mean_new_tokens":
                               v.get("mean_new_tokens")} for k, v in teacher.items()}, "students": rows}
+    chat = root / "eval_teacher_chat/scores.json"
+    if chat.is_file():
+        v = json.loads(chat.read_text())["results"]["teacher"]["dolly"]
+        report["teacher"]["dolly, chat template"] = {"rouge_l": v["mean"], "n_prompts": v["n_samples"],
+                                                     "mean_new_tokens": v.get("mean_new_tokens")}
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["| teacher: SmolLM2-135M-Instruct | " + " | ".join(report["teacher"]) + " |",
              "| --- |" + " --- |" * len(report["teacher"]),
              "| ROUGE-L (prompts) | " + " | ".join(f"{v['rouge_l']:.2f} ({v['n_prompts']})"
                                                   for v in report["teacher"].values()) + " |", ""]
     keys = [f"{m}{sfx}/s{s}_t{t}" for s, t in PAIRS for m in ("D_P", "D_FG", "D_CKA") for sfx in ("", "_all")]
-    lines.append("| student | Dolly ROUGE-L | valid CE | " + " | ".join(keys) + " | train min |")
-    lines.append("| --- |" + " --- |" * (len(keys) + 3))
+    lines.append("| student | Dolly ROUGE-L | vs KD, paired over prompts [95% CI], p | valid CE | "
+                 + " | ".join(keys) + " | train min |")
+    lines.append("| --- |" + " --- |" * (len(keys) + 4))
     for name, r in rows.items():
         mins = f"{r['train_minutes']:.1f}" if r["train_minutes"] else "-"
-        lines.append(f"| {LABELS[name]} | {r['rouge_l_dolly']:.2f} | {r['valid_ce']:.3f} | "
+        d = r["vs_kd"]
+        vs = "-" if name == "kd" else f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}], {d['bootstrap_p']:.2f}"
+        lines.append(f"| {LABELS[name]} | {r['rouge_l_dolly']:.2f} | {vs} | {r['valid_ce']:.3f} | "
                      + " | ".join(f"{r[k]:.3f}" for k in keys) + f" | {mins} |")
     (root / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
