@@ -160,5 +160,9 @@ def run(cfg: AnalyzeConfig) -> None:
     print(f"[analyze] wrote {out}/analysis.json, analysis.md, analysis.png")
 
 
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("analyze", AnalyzeConfig, run, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(stage_main("analyze", AnalyzeConfig, run))
+    sys.exit(main())

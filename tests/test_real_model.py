@@ -37,7 +37,18 @@ def smollm2() -> Path:
         raise
 
 
-def stage(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def stage(module: str, *args: str) -> None:
+    """A stage in this process (its `main`, exactly what the command line runs), except train: DeepSpeed sets up
+    its process group and rank variables, so train gets a process of its own."""
+    if module == "train":
+        subprocess_stage(module, *args)
+        return
+    import importlib
+
+    assert importlib.import_module(f"stages.{module}").main(list(args)) == 0, (module, args)
+
+
+def subprocess_stage(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"))
     r = subprocess.run([sys.executable, "-m", f"stages.{module}", *args], cwd=ROOT, env=env, capture_output=True,
