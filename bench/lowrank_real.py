@@ -19,8 +19,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline.data.prepared import PreparedData, collate_batch  # noqa: E402
-from pipeline.features.store import FeatureStore  # noqa: E402
+from pipeline.data.prepared import PreparedData  # noqa: E402
+from pipeline.features.store import FeatureDataset, FeatureStore, collate_with_features  # noqa: E402
 from pipeline.geometry import feature_gram_distance, procrustes_distance  # noqa: E402
 from pipeline.models import capture_hidden_states, load_model  # noqa: E402
 
@@ -40,14 +40,10 @@ def cache(prepared: Path, teacher: Path, out: Path, extra: list[str]) -> Feature
 
 def batches(prepared: Path, store: FeatureStore, layer: int):
     tokens = PreparedData(prepared).split("valid")
+    joined = FeatureDataset(tokens, store, [layer])
     for a in range(0, len(tokens), 8):
-        items = [tokens[p] for p in range(a, min(len(tokens), a + 8))]
-        batch = collate_batch(items, 2)
-        h = torch.zeros(*batch["input_ids"].shape, store.feature_dim(layer))
-        for row, item in enumerate(items):
-            f = store.get(item["sample_id"], [layer])[layer]
-            h[row, : f.shape[0]] = f.float()
-        yield batch, h
+        batch = collate_with_features([joined[p] for p in range(a, min(len(tokens), a + 8))], 2, torch.float32)
+        yield batch, batch["features"][layer]
 
 
 @torch.no_grad()

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.data.prepared import PreparedData, collate_batch  # noqa: E402
-from pipeline.features.store import FeatureStore  # noqa: E402
+from pipeline.data.prepared import PreparedData  # noqa: E402
+from pipeline.features.store import FeatureDataset, FeatureStore, collate_with_features  # noqa: E402
 from pipeline.geometry import ALL_TOKENS, DEFAULT_TOKEN_RULE, cka_distance, feature_gram_distance  # noqa: E402
 from pipeline.geometry import procrustes_distance  # noqa: E402
 from pipeline.models import capture_hidden_states, load_model  # noqa: E402
@@ -35,11 +35,11 @@ LABELS = {"init": "6-of-30-layer student, untrained", "sft": "SFT", "kd": "KD", 
 def valid_measures(model_dir: Path, data: PreparedData, store: FeatureStore, pad_id: int) -> dict[str, float]:
     model = load_model(str(model_dir)).eval()
     tokens = data.split("valid")
+    joined = FeatureDataset(tokens, store, [t for _, t in PAIRS])
     sums: dict[str, float] = {}
     ce_sum, ce_n, batches = 0.0, 0, 0
     for a in range(0, len(tokens), 8):
-        items = [tokens[p] for p in range(a, min(len(tokens), a + 8))]
-        batch = collate_batch(items, pad_id)
+        batch = collate_with_features([joined[p] for p in range(a, min(len(tokens), a + 8))], pad_id, torch.float32)
         mask = batch["attention_mask"].bool()
         hidden = capture_hidden_states(model, batch["input_ids"], batch["attention_mask"], [s for s, _ in PAIRS],
                                        final=True)
@@ -49,10 +49,7 @@ def valid_measures(model_dir: Path, data: PreparedData, store: FeatureStore, pad
                                                           ignore_index=-100, reduction="sum"))
         ce_n += int((labels != -100).sum())
         for s, t in PAIRS:
-            teacher = torch.zeros(*batch["input_ids"].shape, store.feature_dim(t))
-            for row, item in enumerate(items):
-                f = store.get(item["sample_id"], [t])[t]
-                teacher[row, : f.shape[0]] = f.float()
+            teacher = batch["features"][t]
             for suffix, rule in (("", DEFAULT_TOKEN_RULE), ("_all", ALL_TOKENS)):
                 for name, fn in (("D_P", procrustes_distance), ("D_FG", feature_gram_distance),
                                  ("D_CKA", cka_distance)):

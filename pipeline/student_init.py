@@ -35,19 +35,18 @@ def parse_layer_list(text: str, n_layers: int) -> list[int]:
 def keep_layers(model: nn.Module, layers: Sequence[int]) -> nn.Module:
     """`model` itself, its decoder cut down to `layers` (0-based), in order; the config says the new depth. In
     place, so a large teacher is never held twice."""
-    student = model
-    decoder = decoder_of(student)
+    decoder = decoder_of(model)
     decoder.layers = nn.ModuleList([decoder.layers[i] for i in layers])
     for new_index, layer in enumerate(decoder.layers):
         # Attention modules know their position for the KV cache (Llama's layer_idx); renumber them.
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
-    config = student.config
+    config = model.config
     config.num_hidden_layers = len(layers)
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = [config.layer_types[i] for i in layers]
-    return student
+    return model
 
 
 def make_student(teacher_dir: str | Path, layers_text: str, out: str | Path) -> dict[str, Any]:

@@ -22,8 +22,9 @@ import torch
 from pipeline.config import stage_main
 from pipeline.data.prepared import PreparedData, collate_batch
 from pipeline.errors import ConfigError
+from pipeline.geometry import DEFAULT_TOKEN_RULE
 from pipeline.features.analysis import analyze_batches
-from pipeline.features.store import FeatureStore
+from pipeline.features.store import FeatureDataset, FeatureStore, collate_with_features
 from pipeline.io import atomic_dir, write_json_atomic
 from pipeline.models import capture_hidden_states, model_shape
 from pipeline.teacher import load_frozen_teacher
@@ -54,18 +55,10 @@ def teacher_batches(cfg: AnalyzeConfig, tokens: Any, tok: Any, layers: list[int]
 
 
 def store_batches(cfg: AnalyzeConfig, tokens: Any, pad_id: int, layers: list[Any]) -> Iterator[tuple]:
-    store = FeatureStore(cfg.features)
+    joined = FeatureDataset(tokens, FeatureStore(cfg.features), layers)
     for positions in _chunks(len(tokens), cfg):
-        items = [tokens[p] for p in positions]
-        batch = collate_batch(items, pad_id)
-        hidden = {}
-        for layer in layers:
-            h = torch.zeros(*batch["input_ids"].shape, store.feature_dim(layer))
-            for row, item in enumerate(items):
-                f = store.get(item["sample_id"], [layer])[layer]
-                h[row, : f.shape[0]] = f.float()
-            hidden[layer] = h
-        yield hidden, batch["attention_mask"], batch["input_ids"]
+        batch = collate_with_features([joined[p] for p in positions], pad_id, torch.float32)
+        yield batch["features"], batch["attention_mask"], batch["input_ids"]
 
 
 def _chunks(n: int, cfg: AnalyzeConfig) -> Iterator[range]:
@@ -153,7 +146,7 @@ def run(cfg: AnalyzeConfig) -> None:
         write_json_atomic(tmp / "analysis.json", {"source": cfg.features or cfg.teacher, "data": cfg.data,
                                                    "split": cfg.split, "samples": cfg.samples,
                                                    "micro_batch_size": cfg.micro_batch_size,
-                                                   "token_rule": "outliers:4", "layers": report})
+                                                   "token_rule": str(DEFAULT_TOKEN_RULE), "layers": report})
         (tmp / "analysis.md").write_text(markdown(report))
         plot(report, tmp / "analysis.png")
     print(markdown(report))

@@ -54,7 +54,6 @@ class LayerTally:
         self.first_ratio.extend(ratio[:, 0][mask[:, 0]].tolist())
         self.norms.append(ratio[mask].float())
         keep, dropped = DEFAULT_TOKEN_RULE.select(h, mask)
-        keep = mask if keep is None else keep
         out = mask & ~keep
         self.n_outliers += dropped
         self.n_tokens += int(mask.sum())

@@ -58,7 +58,6 @@ def fit_lowrank(model: Any, dataset: Any, layers: Sequence[int], *, k: int, ener
         hs = capture_hidden_states(model, batch["input_ids"].to(device), mask, list(layers))
         for layer in layers:
             keep, _ = DEFAULT_TOKEN_RULE.select(hs[layer], mask)
-            keep = mask if keep is None else keep
             h_all, h_keep = hs[layer][mask].double(), hs[layer][keep].double()
             for acc, h in ((every[layer], h_all), (kept[layer], h_keep)):
                 acc[0], acc[1], acc[2] = acc[0] + h.sum(0), acc[1] + h.T @ h, acc[2] + h.shape[0]
