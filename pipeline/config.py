@@ -50,6 +50,10 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None) -> T:
             raise ConfigError("--config needs a path to a YAML file")
         config_path = argv[i + 1]
         del argv[i : i + 2]
+    if "local_rank" not in {f.name for f in dataclasses.fields(cls)}:
+        # The deepspeed launcher gives every rank --local_rank=N (LOCAL_RANK in the environment says the same):
+        # every stage runs under it, not only train.
+        argv = without_option(argv, "--local_rank")
 
     parser = HfArgumentParser(cls)
     if config_path is not None:
@@ -68,6 +72,19 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None) -> T:
                 action.required = False
     (config,) = parser.parse_args_into_dataclasses(args=argv)
     return config
+
+
+def without_option(argv: list[str], option: str) -> list[str]:
+    """argv less `option VALUE` and `option=VALUE`."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -22,23 +22,10 @@ import time
 import warnings
 from typing import Any
 
-from pipeline.config import parse_config
+from pipeline.config import parse_config, without_option
 from pipeline.errors import run_stage
 from pipeline.runtime import destroy_process_group, launch_local_ranks
 from pipeline.train.config import TrainConfig
-
-
-def without_option(argv: list[str], option: str) -> list[str]:
-    """argv less `option VALUE` and `option=VALUE`: the ranks must not launch again."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == option:
-            skip = True
-        elif not a.startswith(option + "="):
-            out.append(a)
-    return out
 
 
 def train(run: Any) -> dict[str, Any]:

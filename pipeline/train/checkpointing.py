@@ -29,6 +29,7 @@ from pipeline.io import read_json, usual_modes, write_json_atomic
 from pipeline.runtime import DistInfo
 
 LATEST = "latest"
+UNIVERSAL = "universal"  # checkpoints/universal/TAG: a checkpoint converted for another number of ranks
 STATE_FILE = "geokd.json"  # the run's data position, world size and config, beside DeepSpeed's files
 
 
@@ -54,7 +55,16 @@ def complete_tags(root: Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir()
-                  if p.is_dir() and p.name.startswith("step") and (p / "mp_rank_00_model_states.pt").is_file())
+                  if p.is_dir() and p.name.startswith("step") and model_states_file(p) is not None)
+
+
+def model_states_file(folder: Path) -> Path | None:
+    """Rank 0's model states: `mp_rank_00_model_states.pt` under ZeRO 0-2, `zero_pp_rank_0_...` under ZeRO-3
+    (every rank writes its own there)."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 def resume_order(root: Path) -> tuple[list[str], str | None]:
@@ -108,6 +118,8 @@ def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, 
         for old in tags[:-keep]:
             if old != tag:
                 shutil.rmtree(root / old, ignore_errors=True)
+    if dist.is_main:  # a checkpoint of this run's own size now exists: the converted copy has served
+        shutil.rmtree(root / UNIVERSAL, ignore_errors=True)
     if dist.world_size > 1:
         torch.distributed.barrier()
     return root / tag
@@ -128,7 +140,8 @@ def check_written_by_us(folder: Path) -> None:
                               f"checkpoints you wrote, with the usual modes (chmod o-w)")
 
 
-def _load(engine: Any, root: Path, tag: str) -> dict[str, Any]:
+def load_tag(engine: Any, root: Path, tag: str) -> dict[str, Any]:
+    """Load checkpoint `root/tag` into `engine`; return its client state."""
     try:
         path, client = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
@@ -155,7 +168,7 @@ def load_checkpoint(engine: Any, root: Path, dist: DistInfo) -> tuple[str, dict[
     for i, tag in enumerate(order):
         check_written_by_us(root / tag)  # a refusal stops the resume: no falling back past it
         try:
-            client = _load(engine, root, tag)
+            client = load_tag(engine, root, tag)
             break
         except ConfigError as e:
             if dist.world_size > 1 or i == len(order) - 1:

@@ -12,10 +12,12 @@ LOSS_CHOICES = (*FEATURE_LOSSES, "none")
 KD_SOURCES = ("auto", "final", "topk", "none")
 TEACHER_MODES = ("auto", "stored", "online")
 
-# Fields that may change between a run and its --resume without changing what is trained.
+# Fields that may change between a run and its --resume without changing what is trained (grad_accum: as long
+# as grad_accum x ranks, and so the global batch, stays; pipeline/train/loop.py checks that).
 RESUME_FREE_FIELDS = frozenset({
-    "resume", "stop_after", "nproc", "local_rank", "num_workers", "prefetch_factor", "progress", "log_every",
-    "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples", "valid_features", "out", "nonfinite",
+    "resume", "grad_accum", "stop_after", "nproc", "local_rank", "num_workers", "prefetch_factor", "progress",
+    "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples", "valid_features", "out",
+    "nonfinite",
 })
 
 

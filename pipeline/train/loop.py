@@ -144,7 +144,10 @@ def resume(run: Run) -> DataPosition:
         saved = ckpt.saved_state(root / newest)
         if saved is not None:
             _check_resumable(run, saved, root / newest)
-        tag, client = ckpt.load_checkpoint(run.engine, root, dist)
+        if run.elastic is not None:
+            tag, client = load_elastic(run, root)
+        else:
+            tag, client = ckpt.load_checkpoint(run.engine, root, dist)
         _check_resumable(run, client, root / tag)
         state = DataPosition(**client["data_position"])
         if dist.is_main:
@@ -153,6 +156,22 @@ def resume(run: Run) -> DataPosition:
     elif cfg.resume and dist.is_main:
         print(f"[train] --resume: no checkpoint in {root}, starting from the beginning")
     return state
+
+
+def load_elastic(run: Run, root: Path) -> tuple[str, dict[str, Any]]:
+    """Load the checkpoint of another number of ranks: its universal conversion when ZeRO partitioned it.
+    Each rank's dropout RNG belongs to a rank of the old run, so none is restored."""
+    el = run.elastic
+    ckpt.check_written_by_us(root / el.tag)
+    if el.universal:
+        ckpt.check_written_by_us(root / ckpt.UNIVERSAL / el.tag)
+        client = ckpt.load_tag(run.engine, root / ckpt.UNIVERSAL, el.tag)
+    else:
+        client = ckpt.load_tag(run.engine, root, el.tag)
+    if run.dist.is_main:
+        print(f"[train] {el.from_ranks} -> {el.to_ranks} ranks: the RNG states are per rank, so dropout draws will "
+              f"differ from an uninterrupted run")
+    return el.tag, client
 
 
 def write_run_files(run: Run) -> None:
@@ -165,10 +184,17 @@ def write_run_files(run: Run) -> None:
 
 def _check_resumable(run: Run, client: dict[str, Any], where: Path) -> None:
     ckpt.check_resume_config(client["config"], config_to_dict(run.cfg), RESUME_FREE_FIELDS, where)
-    if client["world_size"] != run.dist.world_size and run.stage > 0:
-        raise ConfigError(f"{where} was written by {client['world_size']} ranks and ZeRO-{run.stage} partitions "
-                          f"its optimizer state by rank; resume with {client['world_size']} ranks (this run has "
-                          f"{run.dist.world_size})")
+    old = client["config"]
+    saved_batch = old["micro_batch_size"] * old["grad_accum"] * client["world_size"]
+    if saved_batch != run.cfg.global_batch(run.dist.world_size):
+        raise ConfigError(f"--resume from {where}: the run's global batch is {saved_batch} samples "
+                          f"({client['world_size']} ranks x micro-batch {old['micro_batch_size']} x grad_accum "
+                          f"{old['grad_accum']}), this one's {run.cfg.global_batch(run.dist.world_size)}; keep "
+                          f"grad_accum x ranks as it was")
+    if client["world_size"] != run.dist.world_size and run.elastic is None:
+        raise ConfigError(f"{where} was written by {client['world_size']} ranks, this run has {run.dist.world_size} "
+                          f"(the newest checkpoint could not be read and an older one is of another size); rerun "
+                          f"--resume, which plans for the number of ranks of the checkpoint it starts from")
 
 
 def stop_step(run: Run, state: DataPosition) -> int:
@@ -257,7 +283,7 @@ def train_steps(run: Run, logger: Logger, state: DataPosition, stop_at: int) -> 
 
 
 def save(run: Run, state: DataPosition) -> None:
-    client = {"data_position": asdict(state), "world_size": run.dist.world_size,
+    client = {"data_position": asdict(state), "world_size": run.dist.world_size, "zero_stage": run.stage,
               "config": config_to_dict(run.cfg)}
     ckpt.save_checkpoint(run.engine, run.out / "checkpoints", state.global_step, client, run.dist,
                          run.cfg.keep_checkpoints)

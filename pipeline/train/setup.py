@@ -33,6 +33,7 @@ from pipeline.train.config import TrainConfig, check_config, teacher_mode
 from pipeline.train.data import make_collate, make_dataset
 from pipeline.train.memory import activation_bytes, count_parameters, model_config
 from pipeline.train.ds_config import EngineSettings, load_ds_config, precision_of, resolve_ds_config, zero_stage
+from pipeline.train.elastic import ElasticResume, check_stage, pin_zero_stage, plan_elastic, universal_copy
 from pipeline.train.objective import Objective, StudentWithHeads, build_objective
 
 
@@ -67,6 +68,7 @@ class Run:
     total_steps: int
     inputs: dict[str, Any]
     ds_config: dict[str, Any]
+    elastic: ElasticResume | None = None  # a --resume on another number of ranks
     lock: Any = None  # OUT/.lock, held by rank 0 while the run lives
 
 
@@ -86,6 +88,7 @@ def check_output_folder(out: Path, resume: bool) -> None:
 class Plan:
     """The checked inputs of a run, before any process group, engine or model weights exist."""
 
+    cfg: TrainConfig  # the options as run (grad_accum adjusted on an elastic resume)
     data: PreparedData
     tokenizer: PreTrainedTokenizerBase
     train_tokens: TokenDataset
@@ -98,6 +101,7 @@ class Plan:
     ds_config: dict[str, Any]
     activation_checkpointing: bool
     inputs: dict[str, Any]
+    elastic: ElasticResume | None
 
 
 def plan_run(cfg: TrainConfig) -> Plan:
@@ -105,6 +109,7 @@ def plan_run(cfg: TrainConfig) -> Plan:
     check_config(cfg)
     dist = dist_info()
     check_output_folder(Path(cfg.out), cfg.resume)
+    cfg, elastic = plan_elastic(cfg, dist.world_size)
     data = PreparedData(cfg.data)
     tok = data.tokenizer()
     train_tokens = data.split(cfg.train_split)
@@ -165,8 +170,17 @@ def plan_run(cfg: TrainConfig) -> Plan:
         grad_clip=cfg.grad_clip, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay, precision=cfg.precision, hidden_size=d_student, n_params=n_params,
         device_bytes=device_bytes)
-    notes: list[str] = []
-    ds_cfg = resolve_ds_config(load_ds_config(cfg.ds_config), settings, origin=cfg.ds_config, notes=notes)
+    raw = load_ds_config(cfg.ds_config)
+    notes = pin_zero_stage(raw, elastic)
+    ds_cfg = resolve_ds_config(raw, settings, origin=cfg.ds_config, notes=notes)
+    if elastic is not None:
+        check_stage(elastic, zero_stage(ds_cfg), precision_of(ds_cfg))
+        notes.append(f"resuming {elastic.tag} of {elastic.from_ranks} rank(s) on {elastic.to_ranks}: grad_accum "
+                     f"{elastic.grad_accum[0]} -> {elastic.grad_accum[1]}, global batch "
+                     f"{cfg.global_batch(dist.world_size)} kept"
+                     + (" (through DeepSpeed's universal checkpoint)" if elastic.universal else ""))
+        if elastic.universal:
+            ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
     checkpointing, why = activation_checkpointing_choice(cfg, tok, n_params, zero_stage(ds_cfg), dist.world_size,
                                                          int(train_tokens.lengths.max()), device_bytes,
                                                          torch_dtype(precision_of(ds_cfg)))
@@ -179,9 +193,10 @@ def plan_run(cfg: TrainConfig) -> Plan:
     if len(train_tokens) < global_batch:
         raise ConfigError(f"split {cfg.train_split!r} has {len(train_tokens)} samples, fewer than one global batch "
                           f"of {global_batch} (micro_batch_size x grad_accum x ranks)")
-    return Plan(data=data, tokenizer=tok, train_tokens=train_tokens, valid_tokens=valid_tokens, teacher_mode=tmode,
+    return Plan(cfg=cfg, data=data, tokenizer=tok, train_tokens=train_tokens, valid_tokens=valid_tokens, teacher_mode=tmode,
                 store=store, valid_store=valid_store, objective=objective, teacher_dims=teacher_dims,
-                ds_config=ds_cfg, activation_checkpointing=checkpointing, inputs=inputs)
+                ds_config=ds_cfg, activation_checkpointing=checkpointing, inputs=inputs,
+                elastic=elastic)
 
 
 def activation_checkpointing_choice(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, n_params: int, stage: int,
@@ -228,6 +243,7 @@ def load_student(cfg: TrainConfig, plan: Plan, stage: int) -> Any:
 def setup(cfg: TrainConfig, plan: Plan | None = None) -> Run:
     """The process group, models and the DeepSpeed engine of checked inputs (`plan_run(cfg)` unless given)."""
     plan = plan or plan_run(cfg)
+    cfg = plan.cfg
     dist = ensure_dist_env()
     lock = None
     if dist.is_main:  # before any engine: a second run into a folder a live run holds stops here
@@ -236,6 +252,8 @@ def setup(cfg: TrainConfig, plan: Plan | None = None) -> Run:
     import deepspeed
 
     deepspeed.init_distributed(verbose=False)
+    if plan.elastic is not None and plan.elastic.universal:
+        universal_copy(Path(cfg.out) / "checkpoints", plan.elastic, dist.is_main)
     device = pick_device(dist.local_rank)
     seed_everything(cfg.seed)
     stage, dtype = zero_stage(plan.ds_config), torch_dtype(precision_of(plan.ds_config))
@@ -275,4 +293,5 @@ def setup(cfg: TrainConfig, plan: Plan | None = None) -> Run:
                tokenizer=plan.tokenizer, train_set=train_set, valid_set=valid_set, valid_store=plan.valid_store,
                teacher=teacher, head=head, collate=make_collate(pad, store is not None),
                valid_collate=make_collate(pad, plan.valid_store is not None), steps_per_epoch=steps_per_epoch,
-               total_steps=total_steps, inputs=plan.inputs, ds_config=plan.ds_config, lock=lock)
+               total_steps=total_steps, inputs=plan.inputs, ds_config=plan.ds_config, elastic=plan.elastic,
+               lock=lock)
