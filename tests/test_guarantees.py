@@ -23,6 +23,27 @@ def stage(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=timeout)
 
 
+def refusal(name: str, *args: str) -> subprocess.CompletedProcess:
+    """A stage's main() in this process, for a call that stops on a checked input before any model, engine or
+    process group exists (a fresh interpreter each would cost seconds a call and check nothing more: an
+    exception that escapes main() fails the test here as a traceback would there). Output captured as `stage`."""
+    import contextlib
+    import importlib
+    import io
+
+    saved = dict(os.environ)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        for k in LAUNCH_VARS:
+            os.environ.pop(k, None)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = importlib.import_module(f"stages.{name}").main([str(a) for a in args])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
+
+
 def sft_args(prepared: Path, out: Path, *extra: str) -> list[str]:
     return ["--mode", "sft", "--data", prepared, "--student", "preset:tiny-student", "--out", out,
             "--micro_batch_size", "4", "--num_workers", "0", "--progress", "false", "--eval_samples", "8", *extra]
@@ -145,9 +166,9 @@ def test_no_stage_writes_into_a_folder_another_stage_made(prepared_tiny, tiny_pa
     snapshot = lambda d: {p: p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}  # noqa: E731
     for folder in (prep, store, mine):
         before = snapshot(folder)
-        proc = stage("train", *sft_args(prep, folder, "--max_steps", "1"))
+        proc = refusal("train", *sft_args(prep, folder, "--max_steps", "1"))
         assert proc.returncode == 2 and "holds what train did not make" in proc.stderr, proc.stderr[-1500:]
-        proc = stage("eval", "--models", tiny_pair.student, "--benchmarks", prep / "valid" / "records.jsonl",
+        proc = refusal("eval", "--models", tiny_pair.student, "--benchmarks", prep / "valid" / "records.jsonl",
                      "--field_map", "output=references", "--max_samples", "1", "--greedy", "--out", folder)
         assert proc.returncode == 2 and "holds what eval did not make" in proc.stderr, proc.stderr[-1500:]
         assert snapshot(folder) == before
@@ -310,11 +331,11 @@ def test_eval_and_train_refuse_what_is_not_a_usable_causal_lm(prepared_tiny, tin
     shutil.copy(tiny_pair.student / "config.json", no_weights / "config.json")
     bench = prepared_tiny / "valid" / "records.jsonl"
     for model, words in ((bert, "not a causal LM"), (vit, "not a causal LM"), (no_tok, "no tokenizer files")):
-        proc = stage("eval", "--models", model, "--benchmarks", bench, "--field_map", "output=references",
+        proc = refusal("eval", "--models", model, "--benchmarks", bench, "--field_map", "output=references",
                      "--greedy", "--out", tmp_path / "eval")
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-999:]
     for model, words in ((bert, "not a causal LM"), (no_weights, "no weights")):
-        proc = stage("train", "--mode", "sft", "--data", prepared_tiny, "--student", model, "--out",
+        proc = refusal("train", "--mode", "sft", "--data", prepared_tiny, "--student", model, "--out",
                      tmp_path / "run", "--max_steps", "1")
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-999:]
 
@@ -356,18 +377,6 @@ def test_verify_on_an_overwritten_manifest_and_a_full_disk_are_messages(prepared
                           preexec_fn=limit, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
     assert "File too large" in proc.stderr or "No space" in proc.stderr
-
-
-def test_a_zero2_checkpoint_of_two_ranks_is_refused_on_one_before_anything_loads(prepared_tiny, tmp_path):
-    """Resuming a 2-rank ZeRO-2 checkpoint on 1 rank is refused with the rank counts, not DeepSpeed's traceback."""
-    out = tmp_path / "run"
-    args = sft_args(prepared_tiny, out, "--max_steps", "4", "--ds_config", "ds_configs/zero2.json", "--valid_split",
-                    "")
-    proc = stage("train", "--nproc", "2", *args, "--stop_after", "2")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((out / "checkpoints" / "step00000002" / "geokd.json").read_text())["world_size"] == 2
-    proc = stage("train", *args, "--resume")
-    assert proc.returncode == 2 and "written by 2 ranks" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def _jsonl(path: Path, records: list) -> Path:
@@ -427,14 +436,14 @@ def test_eval_names_bad_benchmarks_and_reads_fastchat_sets(tiny_pair, tmp_path):
     wrong = _jsonl(tmp_path / "wrong.jsonl", [{"instruction": "a", "answer": "b"}])
     for bench, words in ((empty, "empty.jsonl: no records"), (latin, "latin.jsonl:2: not valid UTF-8"),
                          (wrong, "wrong.jsonl:1: missing field 'output'")):
-        proc = stage("eval", "--models", tiny_pair.student, "--benchmarks", bench, "--greedy", "--out",
+        proc = refusal("eval", "--models", tiny_pair.student, "--benchmarks", bench, "--greedy", "--out",
                      tmp_path / "e")
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-999:]
     questions = _jsonl(tmp_path / "question.jsonl", [{"question_id": i, "category": "generic",
                                                       "turns": [f"Describe {w}."]} for i, w in enumerate("ab")])
     answers = _jsonl(tmp_path / "answers.jsonl", [{"question_id": i, "choices": [{"index": 0, "turns": [f"{w}!"]}]}
                                                   for i, w in enumerate("ab")])
-    proc = stage("eval", "--models", tiny_pair.student, "--benchmarks", f"fastchat:{questions}:{answers}",
+    proc = refusal("eval", "--models", tiny_pair.student, "--benchmarks", f"fastchat:{questions}:{answers}",
                  "--greedy", "--max_new_tokens", "2", "--out", tmp_path / "fc")
     assert proc.returncode == 0, proc.stderr[-1500:]
     rows = [json.loads(x) for x in (tmp_path / "fc" / "generations" / "student" / "question" / "greedy.jsonl")
@@ -454,7 +463,7 @@ def test_a_missing_split_and_a_tampered_tokenizer_are_named(prepared_tiny, tmp_p
     one line (exit 2) naming the folder, never a traceback."""
     import shutil
 
-    proc = stage("cache", "--data", prepared_tiny, "--teacher", "preset:tiny-teacher", "--split", "test",
+    proc = refusal("cache", "--data", prepared_tiny, "--teacher", "preset:tiny-teacher", "--split", "test",
                  "--out", tmp_path / "s", "--layers", "1")
     assert proc.returncode == 2 and "no split 'test'" in proc.stderr and "Traceback" not in proc.stderr
     prep = tmp_path / "prep"
@@ -462,7 +471,7 @@ def test_a_missing_split_and_a_tampered_tokenizer_are_named(prepared_tiny, tmp_p
     config = json.loads((prep / "tokenizer" / "tokenizer_config.json").read_text())
     config["pad_token"] = config["eos_token"]  # pad was "<pad>": ids change
     (prep / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
-    proc = stage("train", *sft_args(prep, tmp_path / "run", "--max_steps", "1"))
+    proc = refusal("train", *sft_args(prep, tmp_path / "run", "--max_steps", "1"))
     assert proc.returncode == 2 and "does not match the fingerprint in its manifest" in proc.stderr, proc.stderr
 
 

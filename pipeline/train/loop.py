@@ -254,15 +254,15 @@ def train_steps(run: Run, logger: Logger, state: DataPosition, stop_at: int) -> 
                           f"skipped (--nonfinite skip)")
             if grad_norm is None and logged:
                 grad_norm = _grad_norm(run)
+            all_tokens = _all_sum(float(tokens), run.dist.world_size, run.device)
             state.global_step += 1
             state.step_in_epoch += 1
-            state.tokens += tokens
+            state.tokens += int(all_tokens)  # over all ranks, so the count does not depend on how many there are
             step = state.global_step
             values = _reduce_mean(sums, max(cfg.grad_accum - skipped, 1), run.dist.world_size, run.device)
             if skipped:
                 values["skipped_nonfinite"] = state_skipped
                 values.setdefault("loss", math.nan)  # every micro-batch skipped: logged as null
-            all_tokens = _all_sum(float(tokens), run.dist.world_size, run.device)
             if step % cfg.log_every == 0 or step == stop_at:
                 values["lr"] = lr
                 if grad_norm is not None:
