@@ -93,10 +93,12 @@ def pin_zero_stage(raw: dict[str, Any], elastic: ElasticResume | None) -> list[s
 
 
 def check_stage(elastic: ElasticResume, stage: int, precision: str) -> None:
+    """DeepSpeed loads a universal checkpoint into a ZeRO 1-3 optimizer or its bf16 one, not plain ZeRO-0."""
     if elastic.universal and stage == 0 and precision != "bf16":
+        was = elastic.zero_stage if elastic.zero_stage is not None else ">= 1"
         raise ConfigError(f"checkpoint {elastic.tag} partitions its optimizer state over {elastic.from_ranks} ranks; "
                           f"this run's ds_config resolves to ZeRO-0 in {precision}, which cannot load it. Resume "
-                          f"with the run's ZeRO stage ({elastic.zero_stage if elastic.zero_stage is not None else '>= 1'})")
+                          f"with the run's ZeRO stage ({was})")
 
 
 def universal_copy(root: Path, elastic: ElasticResume, is_main: bool) -> Path:

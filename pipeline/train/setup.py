@@ -193,9 +193,9 @@ def plan_run(cfg: TrainConfig) -> Plan:
     if len(train_tokens) < global_batch:
         raise ConfigError(f"split {cfg.train_split!r} has {len(train_tokens)} samples, fewer than one global batch "
                           f"of {global_batch} (micro_batch_size x grad_accum x ranks)")
-    return Plan(cfg=cfg, data=data, tokenizer=tok, train_tokens=train_tokens, valid_tokens=valid_tokens, teacher_mode=tmode,
-                store=store, valid_store=valid_store, objective=objective, teacher_dims=teacher_dims,
-                ds_config=ds_cfg, activation_checkpointing=checkpointing, inputs=inputs,
+    return Plan(cfg=cfg, data=data, tokenizer=tok, train_tokens=train_tokens, valid_tokens=valid_tokens,
+                teacher_mode=tmode, store=store, valid_store=valid_store, objective=objective,
+                teacher_dims=teacher_dims, ds_config=ds_cfg, activation_checkpointing=checkpointing, inputs=inputs,
                 elastic=elastic)
 
 
