@@ -44,7 +44,9 @@ FULL = {"losses": {"n": 4096, "shapes": [(768, 2048), (2048, 5120)], "reps": 5},
         "eval": {"samples": "32", "new_tokens": "64", "batch_sizes": ["1", "16"]}}
 SMOKE = {"losses": {"n": 256, "shapes": [(16, 48)], "reps": 1},
          "train": {"student": "64x2", "teacher": "128x4", "layers": ["2", "4"], "student_layers": ["1", "2"],
-                   "micro_batch_size": "2", "max_len": "32", "samples": "8", "steps": "1", "warmup": "1"},
+                   "micro_batch_size": "2", "max_len": "32", "samples": "8", "steps": "1", "warmup": "1",
+                   # one mode of each kind: stored features, online teacher, and the plain-PyTorch reference
+                   "modes": ["sft", "plain_sft", "procrustes", "online"]},
          "cache": {"teacher": "preset:tiny-teacher", "layers": ["2", "4"], "max_tokens": "2000", "reps": "1"},
          "eval": {"samples": "2", "new_tokens": "4", "batch_sizes": ["1", "2"]}}
 
@@ -148,10 +150,10 @@ def train_section(cfg: dict[str, Any], work: Path, timeout: int) -> dict[str, An
               "--max_len", cfg["max_len"], "--samples", cfg["samples"], "--steps", cfg["steps"], "--warmup",
               cfg["warmup"], "--repeats", "1", "--source", "synthetic", "--work", str(work / "train")]
     out = {}
-    for label, ds_config, modes in (
-            ("auto", "ds_configs/auto.json", ["sft", "plain_sft", "procrustes", "procrustes_topk", "online",
-                                              "plain_online"]),
-            ("zero2", "ds_configs/zero2.json", ["sft"])):
+    runs = [("auto", "ds_configs/auto.json", cfg.get("modes", ["sft", "plain_sft", "procrustes", "procrustes_topk",
+                                                                "online", "plain_online"])),
+            ("zero2", "ds_configs/zero2.json", ["sft"])]
+    for label, ds_config, modes in runs:
         path = work / f"train_{label}.json"
         text = run_script(["bench/train_step.py", *common, "--ds_config", ds_config, "--modes", *modes,
                            "--json", str(path)], timeout)

@@ -16,6 +16,7 @@ import io
 import os
 import shutil
 import tempfile
+import time
 from argparse import Namespace
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -109,8 +110,11 @@ def universal_copy(root: Path, elastic: ElasticResume, is_main: bool) -> Path:
     target = root / ckpt.UNIVERSAL / elastic.tag
     if is_main and not (target / _DONE).is_file():
         print(f"[train] converting {root / elastic.tag} ({elastic.from_ranks} ranks) to a universal checkpoint in "
-              f"{target}")
+              f"{target}", flush=True)
+        started = time.perf_counter()
         convert_to_universal(root / elastic.tag, target)
+        size = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+        print(f"[train] converted in {time.perf_counter() - started:.1f} s ({size / 2**20:.0f} MiB)")
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()
     return target

@@ -252,9 +252,9 @@ def setup(cfg: TrainConfig, plan: Plan | None = None) -> Run:
     import deepspeed
 
     deepspeed.init_distributed(verbose=False)
+    device = pick_device(dist.local_rank)  # before any collective: NCCL's barrier runs on the current device
     if plan.elastic is not None and plan.elastic.universal:
         universal_copy(Path(cfg.out) / "checkpoints", plan.elastic, dist.is_main)
-    device = pick_device(dist.local_rank)
     seed_everything(cfg.seed)
     stage, dtype = zero_stage(plan.ds_config), torch_dtype(precision_of(plan.ds_config))
     objective, store = plan.objective, plan.store
