@@ -1,15 +1,13 @@
 """The real-setting recipes in configs/ parse into their stages' configs, and run end to end on random-weight
 models of the same architectures (same depth and layer indices, tiny widths)."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from transformers import OPTConfig, OPTForCausalLM
 
 from pipeline.config import parse_config
+from helpers import stage_in_process, stage_process
 from pipeline.data.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,21 +52,10 @@ def tiny_like(num_layers: int, hidden: int, tok, path: Path) -> str:
 
 
 def run(args: list[str]) -> None:
-    """A stage as its own process: train (DeepSpeed's process group and engine do not belong in pytest's);
-    the others in this one, which saves an interpreter start and the imports each."""
-    if args[0] != "stages.train":
-        import importlib
-
-        saved = dict(os.environ)
-        try:
-            assert importlib.import_module(args[0]).main(args[1:]) == 0, f"{args[0]} failed"
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-        return
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    """train as its own process, the other stages in this one (an interpreter start and the imports saved)."""
+    name = args[0].removeprefix("stages.")
+    proc = (stage_process(name, *args[1:], OMP_NUM_THREADS="1") if name == "train"
+            else stage_in_process(name, *args[1:]))
     assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 

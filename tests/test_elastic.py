@@ -5,20 +5,17 @@ across two hosts is in test_multinode.py."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from helpers import stage_process
 from pipeline.errors import ConfigError
 from pipeline.train.config import TrainConfig
 from pipeline.train.elastic import ElasticResume, check_stage, pin_zero_stage, plan_elastic
 
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 STEPS = 6
 
 
@@ -67,13 +64,10 @@ def test_the_checkpoints_zero_stage_is_kept_where_the_config_says_auto():
 
 
 def train(out: Path, prepared: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     args = ["--mode", "sft", "--data", prepared, "--student", "preset:tiny-student", "--out", out, "--max_steps",
             STEPS, "--micro_batch_size", "2", "--lr", "1e-3", "--num_workers", "0", "--progress", "false",
             "--valid_split", "", "--checkpoint_every", "3", *extra]
-    return subprocess.run([sys.executable, "-m", "stages.train", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return stage_process("train", *args, OMP_NUM_THREADS="1")
 
 
 def losses_and_tokens(out: Path) -> tuple[list[float], int]:

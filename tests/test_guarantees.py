@@ -12,36 +12,15 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+from helpers import LAUNCH_VARS, ROOT, stage_in_process, stage_process
 
 
 def stage(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", f"stages.{name}", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return stage_process(name, *args, timeout=timeout, OMP_NUM_THREADS="1")
 
 
-def refusal(name: str, *args: str) -> subprocess.CompletedProcess:
-    """A stage's main() in this process, for a call that stops on a checked input before any model, engine or
-    process group exists (a fresh interpreter each would cost seconds a call and check nothing more: an
-    exception that escapes main() fails the test here as a traceback would there). Output captured as `stage`."""
-    import contextlib
-    import importlib
-    import io
-
-    saved = dict(os.environ)
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        for k in LAUNCH_VARS:
-            os.environ.pop(k, None)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = importlib.import_module(f"stages.{name}").main([str(a) for a in args])
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
+# A call that stops on a checked input before any model, engine or process group exists: in this process.
+refusal = stage_in_process
 
 
 def sft_args(prepared: Path, out: Path, *extra: str) -> list[str]:

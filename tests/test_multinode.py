@@ -20,11 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import ROOT, clean_env
 from multinode.hosts import IFNAME, Unavailable, two_hosts
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 DEEPSPEED_ENV = {  # what the README tells users to put in .deepspeed_env
     "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": IFNAME, "NCCL_SOCKET_IFNAME": IFNAME,
     "NCCL_DEBUG": "WARN", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -34,9 +33,9 @@ DEEPSPEED_ENV = {  # what the README tells users to put in .deepspeed_env
 
 
 def launch_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and k not in DEEPSPEED_ENV}
-    env.update(PYTHONPATH=str(ROOT))  # forwarded by the launcher (PYTHON* variables are)
-    return env
+    """The launching shell's: what .deepspeed_env sets is left out, so the ranks can only get it from the file;
+    PYTHONPATH (the repository) is forwarded by the launcher, as PYTHON* variables are."""
+    return {k: v for k, v in clean_env().items() if k not in DEEPSPEED_ENV}
 
 
 @pytest.fixture(scope="module")

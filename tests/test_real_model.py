@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import stage_in_process, stage_process
 from pipeline.errors import ConfigError
 from pipeline.model_sources import KNOWN_MODELS, PROVENANCE, get_model
 from pipeline.io import sha256_file
@@ -23,7 +23,6 @@ from pipeline.io import sha256_file
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache/models"
 NAME = "smollm2-135m-instruct"
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +36,11 @@ def smollm2() -> Path:
         raise
 
 
-def stage(module: str, *args: str) -> None:
-    """A stage in this process (its `main`, exactly what the command line runs), except train: DeepSpeed sets up
-    its process group and rank variables, so train gets a process of its own."""
-    if module == "train":
-        subprocess_stage(module, *args)
-        return
-    import importlib
-
-    assert importlib.import_module(f"stages.{module}").main(list(args)) == 0, (module, args)
-
-
-def subprocess_stage(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"))
-    r = subprocess.run([sys.executable, "-m", f"stages.{module}", *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=timeout)
+def stage(module: str, *args: str) -> subprocess.CompletedProcess:
+    """A stage in this process, except train: DeepSpeed sets up its process group and rank variables, so train
+    gets a process of its own."""
+    r = (stage_process(module, *args, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2")) if module == "train"
+         else stage_in_process(module, *args))
     assert r.returncode == 0, f"{module} {' '.join(args)}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     return r
 

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import clean_env
 from pipeline.runtime import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-               "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
 
 DRIVER = textwrap.dedent("""
     import json, sys, torch, deepspeed
@@ -84,13 +83,6 @@ DRIVER = textwrap.dedent("""
     train("topk_cka", ["--ds_config", "ds_configs/zero0.json", "--loss", "cka", "--kd", "topk", "--max_steps", "2"])
     print("RESULTS " + json.dumps(results))
 """)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without the rendezvous variables an in-process stage may have set."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update(PYTHONPATH=str(ROOT), **extra)
-    return env
 
 
 def losses(metrics: dict, key: str = "loss") -> list[float]:

@@ -1,0 +1,46 @@
+"""Running stages from tests: in this process (its `main`, what the command line runs) or in a process of its own,
+with the rendezvous variables an earlier in-process stage may have set left out."""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+               "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without the rendezvous variables, with the repository importable."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def stage_process(name: str, *args: object, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """`python -m stages.NAME ARGS` as its own process (train: DeepSpeed's process group and engine do not belong
+    in pytest's), output captured."""
+    return subprocess.run([sys.executable, "-m", f"stages.{name}", *map(str, args)], cwd=ROOT,
+                          env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def stage_in_process(name: str, *args: object) -> subprocess.CompletedProcess:
+    """The stage's main() in this process, output captured as `stage_process` would: an interpreter start and
+    the imports saved, nothing less checked (an exception escaping main() fails the test as a traceback would).
+    For stages that start no process group (everything but train); the environment is restored after."""
+    saved = dict(os.environ)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        for k in LAUNCH_VARS:
+            os.environ.pop(k, None)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = importlib.import_module(f"stages.{name}").main([str(a) for a in args])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
