@@ -162,12 +162,9 @@ def load_elastic(run: Run, root: Path) -> tuple[str, dict[str, Any]]:
     """Load the checkpoint of another number of ranks: its universal conversion when ZeRO partitioned it.
     Each rank's dropout RNG belongs to a rank of the old run, so none is restored."""
     el = run.elastic
-    ckpt.check_written_by_us(root / el.tag)
-    if el.universal:
-        ckpt.check_written_by_us(root / ckpt.UNIVERSAL / el.tag)
-        client = ckpt.load_tag(run.engine, root / ckpt.UNIVERSAL, el.tag)
-    else:
-        client = ckpt.load_tag(run.engine, root, el.tag)
+    folder = root / ckpt.UNIVERSAL if el.universal else root
+    ckpt.check_written_by_us(folder / el.tag)  # what DeepSpeed unpickles (the conversion checked its source)
+    client = ckpt.load_tag(run.engine, folder, el.tag)
     if run.dist.is_main:
         print(f"[train] {el.from_ranks} -> {el.to_ranks} ranks: the RNG states are per rank, so dropout draws will "
               f"differ from an uninterrupted run")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -107,7 +108,8 @@ def _write_ssh_files(work: Path) -> None:
         "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  ConnectTimeout 10\n")
     (work / "bin").mkdir()
     wrapper = work / "bin" / "ssh"
-    wrapper.write_text(f"#!/bin/sh\nexec {shutil.which('ssh')} -F {work / 'ssh_config'} \"$@\"\n")
+    ssh, config = shlex.quote(shutil.which("ssh") or "ssh"), shlex.quote(str(work / "ssh_config"))
+    wrapper.write_text(f"#!/bin/sh\nexec {ssh} -F {config} \"$@\"\n")
     wrapper.chmod(0o755)
 
 
