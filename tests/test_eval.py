@@ -15,6 +15,7 @@ from eval.config import EvalConfig
 from eval.generate import (GenerationSettings, KeyedSampler, encode_prompts, generate_all, keyed_uniform,
                            plan_batches)
 from eval.runner import evaluate, model_names
+from multinode.hosts import can_run_here
 from eval.scoring import aggregate, rouge_l, score_all
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError
@@ -287,6 +288,7 @@ def test_cli_config_and_names(tmp_path):
         parse_config(EvalConfig, ["--models", "a", "b", "--names", "only-one"])
 
 
+@pytest.mark.skipif(can_run_here(), reason="shown across two hosts by tests/test_multinode.py on this machine")
 def test_two_ranks_equal_one_rank(tiny_pair, tmp_path):
     sets = _tiny_sets(tmp_path)
     one = evaluate(_config([tiny_pair.student], tmp_path / "one", sets), progress=False)

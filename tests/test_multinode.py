@@ -107,6 +107,8 @@ def test_cache_across_two_hosts_writes_one_processes_shards(stores):
     manifest = lambda p: json.loads((p / "manifest.json").read_text())  # noqa: E731
     assert [s["sha256"] for s in manifest(stores["one"])["shards"]] == \
         [s["sha256"] for s in manifest(stores["hosts"])["shards"]]
+    plan = lambda p: json.loads((p / "plan.json").read_text())["fingerprint"]  # noqa: E731
+    assert plan(stores["one"]) == plan(stores["hosts"])
     assert "10.231.0.2:" in stores["log"]  # pdsh prefixes the second host's lines with its address
 
 

@@ -46,6 +46,12 @@ def missing_packages() -> list[str]:
     return sorted({PACKAGES[n] for n, ok in found.items() if not ok})
 
 
+def can_run_here() -> bool:
+    """True where the two-host tests run (root, the packages, working namespaces): local multi-rank twins of them
+    can stand down, their property is shown across real hosts."""
+    return os.geteuid() == 0 and not missing_packages() and _run("ip", "netns", "list", check=False).returncode == 0
+
+
 def _remove_leftovers() -> None:
     """Namespaces of earlier test runs whose process is gone (a SIGKILLed pytest cannot clean up)."""
     listing = _run("ip", "netns", "list", check=False).stdout.split()
