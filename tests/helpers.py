@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from forkserver import python_for_stages
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
@@ -24,8 +26,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def stage_process(name: str, *args: object, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     """`python -m stages.NAME ARGS` as its own process (train: DeepSpeed's process group and engine do not belong
-    in pytest's), output captured."""
-    return subprocess.run([sys.executable, "-m", f"stages.{name}", *map(str, args)], cwd=ROOT,
+    in pytest's), output captured. The process is forked from the tests' fork server (tests/forkserver.py): a
+    fresh process with the imports already done."""
+    return subprocess.run([python_for_stages(), "-m", f"stages.{name}", *map(str, args)], cwd=ROOT,
                           env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
 
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
+
+from forkserver import python_for_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_suite_smoke_runs_every_section_and_reports_exact_losses(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "bench/gpu_suite.py", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
+    proc = subprocess.run([python_for_stages(), "bench/gpu_suite.py", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((tmp_path / "gpu_suite.json").read_text())

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from forkserver import python_for_stages
 from helpers import ROOT, clean_env
 from multinode.hosts import IFNAME, Unavailable, two_hosts
 
@@ -64,7 +64,7 @@ def launch(hosts, job: Path, *args: str, timeout: float = 300) -> subprocess.Com
 def one_process(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = launch_env()
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    r = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+    r = subprocess.run([python_for_stages(), *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=timeout)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r

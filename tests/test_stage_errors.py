@@ -1,17 +1,14 @@
 """Every stage turns a user's mistake into one line on stderr and exit status 2, never a traceback.
 
-Each stage runs as its own process, exactly as `./run.sh <stage>` runs it, so what is checked is what a user sees.
+Each stage runs as its own process (forked from the tests' fork server, so without the imports' 3-5 s), with its
+real stdout, stderr and exit status, so what is checked is what a user sees.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import stage_process
+
 MISSING = "/nonexistent/geokd-input"
 
 CASES = {
@@ -31,9 +28,7 @@ CASES = {
 @pytest.mark.parametrize("stage", sorted(CASES))
 def test_a_missing_input_is_one_line_and_exit_2(stage, tmp_path):
     args = [a.replace("{tmp}", str(tmp_path)) for a in CASES[stage]]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = stage_process(stage, *args)
     name = stage.replace("_", "-")  # ./run.sh get-model, make-student
     lines = [line for line in proc.stderr.splitlines() if line.startswith(f"[{name}] error:")]
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -3,18 +3,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
+from helpers import stage_process
 from pipeline.stats import compare, holm, mean_ci, paired_bootstrap, paired_t, wilcoxon
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_mean_ci_is_the_t_interval():
@@ -54,13 +49,10 @@ def test_paired_bootstrap_covers_the_observed_difference_and_tells_no_difference
 
 def test_a_tiny_study_runs_end_to_end_and_a_rerun_does_nothing_again(tiny_pair, tmp_path):
     out = tmp_path / "study"
-    cmd = [sys.executable, "-m", "stages.study", "--out", str(out), "--methods", "sft", "kd", "--reference", "kd",
+    cmd = ["--out", str(out), "--methods", "sft", "kd", "--reference", "kd",
            "--seeds", "0", "1", "--teacher", str(tiny_pair.teacher), "--student_steps", "8", "--eval_samples", "4",
            "--sampling_seeds", "10", "--max_new_tokens", "4", "--micro_batch_size", "8"]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT")}
-    env.update(PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = stage_process("study", *cmd, timeout=600)  # its steps are processes too, forked as well
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "study.json").read_text())
     assert set(results["methods"]) == {"sft", "kd"} and results["seeds"] == [0, 1]
@@ -69,6 +61,6 @@ def test_a_tiny_study_runs_end_to_end_and_a_rerun_does_nothing_again(tiny_pair, 
     assert versus_kd["method"] == "sft" and 0 <= versus_kd["t_p"] <= 1 and versus_kd["holm_p"] == versus_kd["t_p"]
     report = (out / "report.md").read_text()
     assert "## Against kd" in report and "t-test p" in report and (out / "forest.png").stat().st_size > 0
-    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    again = stage_process("study", *cmd, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done already") == 4  # every student
     assert json.loads((out / "study.json").read_text())["methods"] == results["methods"]
