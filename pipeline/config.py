@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import yaml
 
-from pipeline.errors import ConfigError, run_stage
+from pipeline.errors import ConfigError, DataError, run_stage
+from pipeline.io import read_text
 
 T = TypeVar("T")
 
@@ -21,9 +23,11 @@ T = TypeVar("T")
 def read_config_text(path: str | Path, what: str = "config") -> str:
     """The text of a config file, or a ConfigError naming the file and why it cannot be read."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return read_text(path)
     except OSError as e:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from e
+    except DataError as e:  # not UTF-8: the message names the line
+        raise ConfigError(str(e)) from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -70,7 +74,13 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None) -> T:
         for action in parser._actions:
             if action.dest in values:
                 action.required = False
-    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        options = sorted(f"--{f.name}" for f in dataclasses.fields(cls) if f.init)
+        first = next((a for a in unknown if a.startswith("-")), unknown[0]).split("=")[0]
+        near = difflib.get_close_matches(first, options, n=1)
+        raise ConfigError(f"unknown option {first!r}" + (f" (did you mean {near[0]}?)" if near else "")
+                          + f"; see --help (not used: {' '.join(unknown)})")
     return config
 
 

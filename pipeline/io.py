@@ -134,19 +134,25 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = read_text(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from e
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def read_text(path: str | Path) -> str:
+    """A text file a user hands us (JSON, JSONL, YAML, TSV), by `decode_utf8`; OSErrors pass through."""
+    return decode_utf8(path, Path(path).read_bytes())
 
 
 def decode_utf8(path: str | Path, raw: bytes) -> str:
-    """The text of a file's bytes, or a DataError naming the line and byte that are not UTF-8."""
+    """The text of a file's bytes without a leading byte-order mark (Windows tools write one, and GLUE's MRPC files
+    ship with one), or a DataError naming the line and byte that are not UTF-8."""
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x} at offset {e.start})") from None
