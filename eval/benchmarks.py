@@ -6,22 +6,23 @@ A benchmark is named one of three ways:
 - `hub:NAME[:SPLIT]`: a Hugging Face dataset, when the machine is online (or the set is in the local hub cache);
 - `fastchat:QUESTIONS.jsonl:ANSWERS.jsonl`: FastChat's two-file layout (Vicuna), joined by question_id.
 
-Records carry `prompt` (used as is), or `instruction` and optional `input` (rendered with the Alpaca template),
-and `output`: one reference string or a list of them (ROUGE-L takes the best).
+Records are read by prepare's reader (pipeline/data/sources.py), so both stages take the same formats: Alpaca /
+MiniLLM (`prompt` used as is, or `instruction` and optional `input` rendered with the Alpaca template, and
+`output`: one reference string or a list of them; ROUGE-L takes the best), raw Dolly, Self-Instruct's
+`instances` (one sample each), or any fields through a map.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from pipeline.data.prompts import render_prompt
-from pipeline.data.sources import OUR_FIELDS
+from pipeline.data.sources import Example, examples_from_rows, read_file
 from pipeline.errors import DataError
 from pipeline.io import read_jsonl as read_jsonl_lines, sha256_file, sha256_json
 
-# name -> (file in the data folder, canonical field -> field in that file)
+# name -> (file in the data folder, our field -> field in that file)
 REGISTRY: dict[str, tuple[str, dict[str, str]]] = {
     "dolly": ("dolly_test.jsonl", {}),
     "self_inst": ("self_inst_test.jsonl", {}),
@@ -29,7 +30,6 @@ REGISTRY: dict[str, tuple[str, dict[str, str]]] = {
     "sinst": ("sinst_test.jsonl", {}),
     "uinst": ("uinst_short_test.jsonl", {}),
 }
-CANONICAL_FIELDS = OUR_FIELDS  # the field names prepare uses: one vocabulary for both
 
 
 class BenchmarkError(DataError):
@@ -51,64 +51,23 @@ class Benchmark:
     source: str  # file path or hub id, for the record
     fingerprint: str  # content hash of the source, so a rerun notices changed data
     samples: tuple[Sample, ...]
+    left_out: str = ""  # records of the source that are not scored, and why ("" when none)
 
 
-def _mapping(fields: dict[str, str]) -> dict[str, str]:
-    unknown = sorted(set(fields) - set(CANONICAL_FIELDS))
-    if unknown:
-        raise BenchmarkError(
-            f"field map: unknown canonical field(s) {', '.join(unknown)}; known: {', '.join(CANONICAL_FIELDS)}"
-        )
-    return {name: fields.get(name, name) for name in CANONICAL_FIELDS}
-
-
-def record_to_sample(record: Any, index: int, fields: dict[str, str], where: str) -> Sample:
-    """One raw record -> Sample; `where` ("file:line") prefixes every error."""
-    if not isinstance(record, dict):
-        raise BenchmarkError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    m = _mapping(fields)
-    if m["output"] not in record:
-        raise BenchmarkError(f"{where}: missing field '{m['output']}' (the reference answer)")
-    out = record[m["output"]]
-    if isinstance(out, str):
-        references = (out,)
-    elif isinstance(out, list) and out and all(isinstance(r, str) for r in out):
-        references = tuple(out)
-    else:
-        raise BenchmarkError(f"{where}: field '{m['output']}' must be a string or a non-empty list of strings")
-
-    prompt = record.get(m["prompt"])
-    instruction = record.get(m["instruction"])
-    input_text = record.get(m["input"]) or ""
-    if prompt is not None:
-        if not isinstance(prompt, str) or not prompt:
-            raise BenchmarkError(f"{where}: field '{m['prompt']}' must be a non-empty string")
-    else:
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise BenchmarkError(
-                f"{where}: needs a '{m['prompt']}' or a non-empty '{m['instruction']}' string to build the prompt"
-            )
-        if not isinstance(input_text, str):
-            raise BenchmarkError(f"{where}: field '{m['input']}' must be a string")
-        prompt = render_prompt(instruction, input_text)
-    plain = isinstance(instruction, str) and instruction.strip() and isinstance(input_text, str)
-    return Sample(index=index, prompt=prompt, references=references, instruction=instruction if plain else "",
-                  input=input_text if plain else "")
+def samples_of(examples: list[Example], max_samples: int = 0) -> list[Sample]:
+    """prepare's records (pipeline/data/sources.py reads every format for both stages) as scored samples."""
+    chosen = examples[:max_samples] if max_samples else examples
+    return [Sample(index=i, prompt=e.prompt, references=tuple(e.references), instruction=e.instruction,
+                   input=e.input) for i, e in enumerate(chosen)]
 
 
 def read_jsonl(path: Path, fields: dict[str, str], max_samples: int = 0) -> list[Sample]:
-    samples: list[Sample] = []
+    """A JSONL (or JSON array) file in any format prepare reads: Alpaca/MiniLLM, raw Dolly, Self-Instruct's
+    `instances`, or others through a field map."""
     try:
-        lines = read_jsonl_lines(path)
+        return samples_of(read_file(path, fields).examples, max_samples)
     except DataError as e:
         raise BenchmarkError(str(e)) from None
-    for lineno, record in lines:
-        if max_samples and len(samples) >= max_samples:
-            break
-        samples.append(record_to_sample(record, len(samples), fields, f"{path}:{lineno}"))
-    if not samples:
-        raise BenchmarkError(f"{path}: no records")
-    return samples
 
 
 def _load_hub(spec: str, fields: dict[str, str], max_samples: int) -> Benchmark:
@@ -127,46 +86,73 @@ def _load_hub(spec: str, fields: dict[str, str], max_samples: int) -> Benchmark:
             else ""
         )
         raise BenchmarkError(f"hub benchmark {name!r} (split {split!r}) could not be loaded: {e}.{hint}") from e
-    rows: Iterable[Any] = ds if not max_samples else ds.select(range(min(max_samples, len(ds))))
-    samples = [record_to_sample(r, i, fields, f"{spec} row {i}") for i, r in enumerate(rows)]
-    if not samples:
-        raise BenchmarkError(f"{spec}: no records")
+    rows = (ds if not max_samples else ds.select(range(min(max_samples, len(ds))))).to_list()
+    try:
+        _, examples = examples_from_rows(spec, rows, [{k for k, v in r.items() if v is not None} for r in rows],
+                                         [f"{spec} row {i}" for i in range(len(rows))], fields)
+    except DataError as e:
+        raise BenchmarkError(str(e)) from None
     fingerprint = sha256_json([name, split, getattr(ds, "_fingerprint", None), len(ds)])
     short = name.rstrip("/").split("/")[-1]
-    return Benchmark(name=f"{short}-{split}", source=spec, fingerprint=fingerprint, samples=tuple(samples))
+    return Benchmark(name=f"{short}-{split}", source=spec, fingerprint=fingerprint,
+                     samples=tuple(samples_of(examples, max_samples)))
+
+
+def _fastchat_answers(path: Path) -> dict[Any, list[str]]:
+    """question_id -> reference answers, from FastChat's answer files: `choices: [{turns: [...]}]` (MT-bench and
+    later) or the older `text` (as in its Vicuna-80 GPT-3.5/GPT-4 answers); the first turn is the reference."""
+    refs: dict[Any, list[str]] = {}
+    for lineno, rec in read_jsonl_lines(path):
+        where = f"{path}:{lineno}"
+        try:
+            if isinstance(rec, dict) and "choices" not in rec and isinstance(rec.get("text"), str):
+                answers = [rec["text"]]
+            else:
+                answers = [c["turns"][0] for c in rec["choices"]]
+            if not all(isinstance(a, str) for a in answers):
+                raise TypeError
+            refs.setdefault(rec["question_id"], []).extend(answers)
+        except (KeyError, IndexError, TypeError):
+            raise BenchmarkError(f"{where}: expected {{\"question_id\", \"choices\": [{{\"turns\": [...]}}]}} or "
+                                 f"{{\"question_id\", \"text\"}}") from None
+    return refs
 
 
 def _load_fastchat(spec: str, max_samples: int) -> Benchmark:
-    """`fastchat:QUESTIONS.jsonl:ANSWERS.jsonl`, FastChat's layout (Vicuna's 80 questions): questions
-    {"question_id", "turns": [text, ...]} and reference answers {"question_id", "choices": [{"turns": [...]}]} in
-    two files, joined by question_id; the first turn is the instruction, each choice's first turn a reference."""
+    """`fastchat:QUESTIONS.jsonl:ANSWERS.jsonl`, FastChat's layout (Vicuna's 80 questions, MT-bench): questions
+    {"question_id", "turns": [text, ...]} and reference answers in a second file, joined by question_id; the first
+    turn is the instruction. Questions without a reference answer (MT-bench's cover a few categories) are left
+    out, and the benchmark says how many."""
     parts = spec.split(":")
     if len(parts) != 3:
         raise BenchmarkError(f"{spec!r}: write fastchat:QUESTIONS.jsonl:ANSWERS.jsonl")
     questions, answers = Path(parts[1]), Path(parts[2])
-    refs: dict[Any, list[str]] = {}
-    for lineno, rec in read_jsonl_lines(answers):
-        where = f"{answers}:{lineno}"
-        try:
-            refs.setdefault(rec["question_id"], []).extend(c["turns"][0] for c in rec["choices"])
-        except (KeyError, IndexError, TypeError):
-            raise BenchmarkError(f"{where}: expected {{\"question_id\", \"choices\": [{{\"turns\": [...]}}]}}") from None
-    samples: list[Sample] = []
+    refs = _fastchat_answers(answers)
+    rows, wheres, missing = [], [], []
     for lineno, rec in read_jsonl_lines(questions):
-        if max_samples and len(samples) >= max_samples:
-            break
         where = f"{questions}:{lineno}"
         try:
             qid, turn = rec["question_id"], rec["turns"][0]
         except (KeyError, IndexError, TypeError):
             raise BenchmarkError(f"{where}: expected {{\"question_id\", \"turns\": [...]}}") from None
         if qid not in refs:
-            raise BenchmarkError(f"{where}: question_id {qid!r} has no answer in {answers}")
-        samples.append(record_to_sample({"instruction": turn, "output": refs[qid]}, len(samples), {}, where))
-    if not samples:
-        raise BenchmarkError(f"{questions}: no records")
+            missing.append(qid)
+            continue
+        rows.append({"instruction": turn, "output": refs[qid]})
+        wheres.append(where)
+    if not rows:
+        raise BenchmarkError(f"{questions}: none of its {len(missing)} questions has an answer in {answers}")
+    try:
+        _, examples = examples_from_rows(str(questions), rows, [set(r) for r in rows], wheres, {})
+    except DataError as e:
+        raise BenchmarkError(str(e)) from None
+    left_out = ""
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+        left_out = (f"{len(missing)} of {len(missing) + len(rows)} questions left out: no reference answer in "
+                    f"{answers} (question_id {shown})")
     fingerprint = sha256_json([sha256_file(questions), sha256_file(answers)])
-    return Benchmark(questions.stem, spec, fingerprint, tuple(samples))
+    return Benchmark(questions.stem, spec, fingerprint, tuple(samples_of(examples, max_samples)), left_out)
 
 
 def load_benchmark(spec: str, data_dir: str | Path, fields: dict[str, str] | None = None,

@@ -129,6 +129,8 @@ def _summary(folder: Path, bench: Benchmark, config: EvalConfig) -> dict[str, An
     result = aggregate(per_seed)
     result.update(mode="greedy" if config.greedy else "sampling", source=bench.source,
                   mean_new_tokens=sum(tokens) / len(tokens), prompts_truncated=truncated)
+    if bench.left_out:
+        result["left_out"] = bench.left_out
     return result
 
 
@@ -178,6 +180,9 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     names = config.names or model_names(config.models)
     benches = [load_benchmark(s, config.data_dir, config.fields(), config.max_samples) for s in config.benchmarks]
     seen = [b.name for b in benches]
+    for b in benches:
+        if b.left_out and info.is_main:
+            print(f"[eval] {b.name}: {b.left_out}; {len(b.samples)} scored")
     if len(set(seen)) != len(seen):
         raise ConfigError(f"benchmarks: two sets share a name in {seen}")
     settings = GenerationSettings(

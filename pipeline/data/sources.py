@@ -7,16 +7,16 @@ Formats, told apart per file by its fields:
 - Self-Instruct: `instruction` plus `instances: [{input, output}, ...]`, one example per instance;
 - anything else through a field map, e.g. `--fields instruction=question output=answer`.
 
-Local files are JSONL (or a JSON array) loaded with `datasets`; a name that is not a local path is loaded from
-the Hugging Face hub, which fails with a clear message on an offline machine. Before `datasets` sees a file, a
-strict pass checks UTF-8 and that every line is one JSON object, so errors name the file and line (datasets
-skips blank lines, reports 0-based rows, and reads a line like `[1, 2]` as a column called "text").
+Local files are JSONL (or a JSON array), read strictly (UTF-8, a byte-order mark allowed, one JSON object per
+line), so errors name the file and line; `datasets` is not used for them: its Arrow schema refuses a field that is
+a string in one record and a list in another (references, as in S-NI), it skips blank lines and reports 0-based
+rows. A name that is not a local path is loaded from the Hugging Face hub with `datasets`, which fails with a
+clear message on an offline machine. prepare and eval read records through this one module.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -67,36 +67,22 @@ def parse_field_map(items: Sequence[str], option: str = "--fields",
     return out
 
 
-def _scan_jsonl(path: Path, raw: bytes) -> list[tuple[int, set[str]]]:
-    """(line number, keys) of every record; raises DataError naming the line of the first bad one."""
+def _records(path: Path, raw: bytes) -> list[tuple[int, dict]]:
+    """(line number, or item number of a JSON array; record) of every record; a DataError names the first bad one."""
     if path.suffix == ".json" and raw.lstrip().startswith(b"["):
         try:
             items = json.loads(decode_utf8(path, raw))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-        rows = []
         for i, obj in enumerate(items):
             if not isinstance(obj, dict):
                 raise DataError(f"{path}: item {i}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((i, set(obj)))
-        return rows
-    rows = []
-    for number, obj in read_jsonl(path, raw):
+        return list(enumerate(items))
+    rows = read_jsonl(path, raw)
+    for number, obj in rows:
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{number}: expected one JSON object per line, got {type(obj).__name__}")
-        rows.append((number, set(obj)))
     return rows
-
-
-def _load_json_with_datasets(path: Path):
-    import datasets
-
-    datasets.disable_progress_bars()
-    # A private cache: nothing lands in ~/.cache, and a rerun never reads a stale conversion.
-    with tempfile.TemporaryDirectory(prefix="geokd-datasets-") as cache:
-        ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache,
-                                   keep_in_memory=True)
-        return ds.to_list()
 
 
 def _detect_format(keys: set[str], field_map: dict[str, str]) -> str:
@@ -137,12 +123,26 @@ def _examples_from_row(row: dict, keys: set[str], fmt: str, field_map: dict[str,
         prompt = prompt or render_prompt(instruction, input_text)
         return Example(instruction, input_text, refs, prompt, at)
 
-    if fmt == "mapped":
-        get = {ours: row.get(theirs) for ours, theirs in field_map.items()}
-        instruction = _text(get.get("instruction"), field_map["instruction"], where, keys, True)
-        input_text = _text(get.get("input"), field_map.get("input", "input"), where, keys, False)
-        refs = _references(get.get("output"), field_map["output"], where, keys)
-        return [make(instruction, input_text, refs, _text(get.get("prompt"), "prompt", where, keys, False))]
+    def instruction_unless_prompt(name: str, prompt: str) -> str:
+        # A record with its own prompt text needs no instruction to render one.
+        if prompt and row.get(name) is None:
+            return ""
+        if not prompt and row.get(name) is None and name not in keys:
+            raise DataError(f"{where}: record has no field {name!r} (nor a 'prompt' to use as given); its fields "
+                            f"are: {', '.join(sorted(keys))}")
+        return _text(row.get(name), name, where, keys, True)
+
+    if fmt == "mapped":  # fields the map leaves out keep their own names
+        names = {ours: field_map.get(ours, ours) for ours in OUR_FIELDS}
+        prompt = _text(row.get(names["prompt"]), names["prompt"], where, keys, False)
+        refs = _references(row.get(names["output"]), names["output"], where, keys)
+        return [make(instruction_unless_prompt(names["instruction"], prompt),
+                     _text(row.get(names["input"]), names["input"], where, keys, False), refs, prompt)]
+    if fmt == "alpaca":
+        prompt = _text(row.get("prompt"), "prompt", where, keys, False)
+        refs = _references(row.get("output"), "output", where, keys)
+        return [make(instruction_unless_prompt("instruction", prompt),
+                     _text(row.get("input"), "input", where, keys, False), refs, prompt)]
     instruction = _text(row.get("instruction"), "instruction", where, keys, True)
     if fmt == "dolly":
         return [make(instruction, _text(row.get("context"), "context", where, keys, False),
@@ -160,12 +160,10 @@ def _examples_from_row(row: dict, keys: set[str], fmt: str, field_map: dict[str,
             out.append(make(instruction, _text(inst.get("input"), "input", at, ikeys, False),
                             _references(inst.get("output"), "output", at, ikeys), "", at))
         return out
-    return [make(instruction, _text(row.get("input"), "input", where, keys, False),
-                 _references(row.get("output"), "output", where, keys),
-                 _text(row.get("prompt"), "prompt", where, keys, False))]
+    raise AssertionError(fmt)
 
 
-def _rows_to_examples(spec: str, rows: list[dict], keys_per_row: list[set[str]], wheres: list[str],
+def examples_from_rows(spec: str, rows: list[dict], keys_per_row: list[set[str]], wheres: list[str],
                       field_map: dict[str, str]) -> tuple[str, list[Example]]:
     if not rows:
         raise DataError(f"{spec}: no records (the dataset is empty)")
@@ -198,30 +196,21 @@ def read_file(path: str | Path, field_map: dict[str, str] | None = None) -> Sour
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-    scanned = _scan_jsonl(path, raw)
-    if not scanned:
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark
+    records = _records(path, raw)
+    if not records:
         raise DataError(f"{path}: no records (the file is empty)")
-    try:
-        rows = _load_json_with_datasets(path)
-    except Exception as e:  # the scan passed, so this is datasets' own limit (e.g. a schema it cannot unify)
-        raise DataError(f"{path}: datasets could not load it: {type(e).__name__}: {e}") from e
-    if len(rows) != len(scanned):
-        raise DataError(f"{path}: datasets read {len(rows)} records but the file has {len(scanned)} JSON lines")
+    rows = [obj for _, obj in records]
     line_word = "item" if path.suffix == ".json" and raw.lstrip().startswith(b"[") else "line"
-    wheres = [f"{path}:{n}" if line_word == "line" else f"{path} item {n}" for n, _ in scanned]
-    # datasets fills a field missing from one record with None; the scan knows which fields each line had.
-    for row, (_, keys) in zip(rows, scanned):
-        for k in list(row):
-            if k not in keys:
-                row[k] = None
-    fmt, examples = _rows_to_examples(str(path), rows, [k for _, k in scanned], wheres, field_map or {})
+    wheres = [f"{path}:{n}" if line_word == "line" else f"{path} item {n}" for n, _ in records]
+    fmt, examples = examples_from_rows(str(path), rows, [set(r) for r in rows], wheres, field_map or {})
     return Source(spec=str(path), kind="file", sha256=sha256_file(path), format=fmt, records=len(rows),
                   examples=examples)
 
 
 def read_builtin(split: str) -> Source:
     records = builtin_split(split)
-    fmt, examples = _rows_to_examples(f"builtin:{split}", records, [set(r) for r in records],
+    fmt, examples = examples_from_rows(f"builtin:{split}", records, [set(r) for r in records],
                                       [f"builtin:{split} record {i}" for i in range(len(records))], {})
     return Source(spec=f"builtin:{split}", kind="builtin", format=fmt, records=len(records), examples=examples,
                   sha256=sha256_json({"version": BUILTIN_VERSION, "records": records}))
@@ -241,7 +230,7 @@ def read_hub(name: str, split: str, field_map: dict[str, str] | None = None) -> 
                         f"if it is meant to be a local file, check the path") from e
     rows = ds.to_list()
     keys = [{k for k, v in r.items() if v is not None} for r in rows]
-    fmt, examples = _rows_to_examples(name, rows, keys, [f"{name}[{split}] row {i}" for i in range(len(rows))],
+    fmt, examples = examples_from_rows(name, rows, keys, [f"{name}[{split}] row {i}" for i in range(len(rows))],
                                       field_map or {})
     return Source(spec=f"{name}[{split}]", kind="hub", sha256=ds._fingerprint, format=fmt, records=len(rows),
                   examples=examples)
