@@ -31,6 +31,16 @@ def method_settings(name: str) -> tuple[float, str]:
     return KD_ALPHA, loss
 
 
+def check_train_steps(runs: list[list[str]]) -> None:
+    """Every training step's options through train's own parser and checks, before the first step runs: a bad
+    value costs a second, not the steps before it. `runs`: `["stages.train", *options]` lists."""
+    from pipeline.config import parse_config
+    from pipeline.train.config import TrainConfig, check_config
+
+    for args in runs:
+        check_config(parse_config(TrainConfig, args[1:]))
+
+
 def run_step(args: list[str], log: Path) -> None:
     """Run `python -m <args>` as its own process; its output goes to the console and to `log`."""
     cmd = [sys.executable, "-m", *args]
@@ -66,19 +76,22 @@ def prepare_builtin(out: Path, tokenizer: str, log: Path) -> tuple[Path, Path]:
     return data, test
 
 
-def cache_for(data: Path, teacher_dir: Path, student: str, out: Path, log: Path) -> tuple[list[int], dict[str, Path]]:
-    """The teacher's features once, for every student of the default layer map: its mapped layers and the final
-    state (exact KD), for the train and valid splits."""
+def default_teacher_layers(student: str, teacher: str) -> list[int]:
+    """The teacher layers the default layer map of this student and teacher reads."""
     from pipeline.models import layer_map, mapped_teacher_layers, model_shape
 
-    layers = mapped_teacher_layers(layer_map(model_shape(student, "student")[1],
-                                             model_shape(str(teacher_dir), "teacher")[1]))
+    return mapped_teacher_layers(layer_map(model_shape(student, "student")[1], model_shape(teacher, "teacher")[1]))
+
+
+def cache_for(data: Path, teacher_dir: Path, layers: list[int], out: Path, log: Path) -> dict[str, Path]:
+    """The teacher's features once, for every student: the given layers and the final state (exact KD), for the
+    train and valid splits."""
     features = {}
     for split in ("train", "valid"):
         features[split] = out / split
         run_step(["stages.cache", "--data", str(data), "--split", split, "--teacher", str(teacher_dir),
                   "--out", str(features[split]), "--layers", *map(str, layers), "--final", "--dtype", "fp32"], log)
-    return layers, features
+    return features
 
 
 def method_args(name: str, features: dict[str, Path], overrides: dict[str, str] | None = None) -> list[str]:

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import save_config, stage_main
+from pipeline.errors import ConfigError
 from pipeline.steps import (
-    DEFAULT_METHODS, cache_for, method_args, method_settings, prepare_builtin, run_step, train_step,
-    validation_geometry,
+    DEFAULT_METHODS, cache_for, check_train_steps, default_teacher_layers, method_args, method_settings,
+    prepare_builtin, run_step, train_step, validation_geometry,
 )
 
 # All students share every setting but their method (pipeline/steps.py: sft, kd, kd_<feature loss>).
@@ -107,6 +108,14 @@ def run(cfg: DemoConfig) -> None:
         method_settings(name)
     model_shape(cfg.teacher, "teacher")
     model_shape(cfg.student, "student")
+    if cfg.teacher_steps < 1 or cfg.student_steps < 1:  # train would read 0 as "one epoch"
+        raise ConfigError("--teacher_steps and --student_steps must be >= 1")
+    if not cfg.seeds or cfg.eval_samples < 0 or cfg.max_new_tokens < 1:
+        raise ConfigError("--seeds needs at least one sampling seed, --eval_samples >= 0 and --max_new_tokens >= 1")
+    stores = {"train": Path("-"), "valid": Path("-")}
+    check_train_steps([train_args(cfg, Path("-"), Path("-"), cfg.teacher, cfg.teacher_steps, cfg.teacher_lr)]
+                      + [train_args(cfg, Path("-"), Path("-"), cfg.student, cfg.student_steps, cfg.student_lr)
+                         + method_args(name, stores, {"beta": str(cfg.beta)}) for name in cfg.methods])
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "demo_config.yaml")
@@ -126,7 +135,8 @@ def run(cfg: DemoConfig) -> None:
                teacher, log)
 
     print("[demo] 3/6 cache the teacher's features once")
-    layers, features = cache_for(data, teacher / "model", cfg.student, out / "features", log)
+    layers = default_teacher_layers(cfg.student, str(teacher / "model"))
+    features = cache_for(data, teacher / "model", layers, out / "features", log)
 
     print(f"[demo] 4/6 distil a student with each method: {', '.join(cfg.methods)}")
     for name in cfg.methods:

@@ -14,6 +14,8 @@ reference), Wilcoxon's signed-rank test, and a paired bootstrap over prompts (ag
 OUT/study.json. Each step is its own process; a killed study resumes where it stopped.
 --grid KEY=V1,V2,...: each method whose objective uses KEY (alpha: the KD methods; beta: those with a feature
 loss; layer_map: distillation methods, pairs joined by '+', e.g. layer_map=1:2+2:4,2:4) once per value.
+--quick only changes defaults (methods, seeds, steps, prompts, sampling seeds): an option you give is kept. Every
+method name, grid key and value, seed list and model is checked before anything is prepared or trained.
 """
 from __future__ import annotations
 
@@ -24,25 +26,41 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Optional
+
 import numpy as np
 
 from pipeline.config import config_to_dict, save_config, stage_main
 from pipeline.errors import ConfigError
+from pipeline.models import layer_map, mapped_teacher_layers
 from pipeline.stats import compare, mean_ci, with_holm
 from pipeline.steps import (
-    DEFAULT_METHODS, cache_for, method_args, method_settings, per_prompt_scores, prepare_builtin, run_step,
-    train_step, validation_geometry,
+    DEFAULT_METHODS, cache_for, check_train_steps, method_args, method_settings, per_prompt_scores, prepare_builtin,
+    run_step, train_step, validation_geometry,
 )
+from pipeline.train.config import TrainConfig, check_config, parse_layer_map
 
 GRID_KEYS = {"alpha": lambda m: m != "sft", "beta": lambda m: method_settings(m)[1] != "none",
              "layer_map": lambda m: m != "sft"}
 
 
+QUICK = {"methods": ["sft", "kd", "kd_procrustes"], "seeds": [0, 1, 2], "student_steps": 200, "eval_samples": 60,
+         "sampling_seeds": [10, 20]}
+FULL = {"methods": list(DEFAULT_METHODS), "seeds": [0, 1, 2, 3, 4], "student_steps": 300, "eval_samples": 100,
+        "sampling_seeds": [10, 20, 30, 40, 50]}
+
+
+def _default(name: str) -> str:
+    show = lambda v: " ".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
+    return f"default {show(FULL[name])}; with --quick {show(QUICK[name])}"
+
+
 @dataclass
 class StudyConfig:
     out: str = field(default="runs/study", metadata={"help": "everything the study writes goes here"})
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "training seeds"})
+    methods: list[str] = field(default_factory=list, metadata={
+        "help": f"sft, kd or kd_<feature loss> ({_default('methods')})"})
+    seeds: list[int] = field(default_factory=list, metadata={"help": f"training seeds ({_default('seeds')})"})
     reference: str = field(default="kd", metadata={"help": "every method is compared with this one (and SFT)"})
     grid: list[str] = field(default_factory=list, metadata={"help": "KEY=V1,V2,... (alpha, beta, layer_map)"})
     teacher: str = field(default="preset:tiny-teacher", metadata={
@@ -52,31 +70,55 @@ class StudyConfig:
     data: str = field(default="", metadata={"help": "a prepared folder with train and valid (default: built-in)"})
     test: str = field(default="", metadata={"help": "a prepared folder with the test split (default: built-in)"})
     teacher_steps: int = 300
-    student_steps: int = 300
+    student_steps: Optional[int] = field(default=None, metadata={"help": _default("student_steps")})
     micro_batch_size: int = 16
     lr: float = 1e-3
-    eval_samples: int = field(default=100, metadata={"help": "test prompts scored (0: all)"})
-    sampling_seeds: list[int] = field(default_factory=lambda: [10, 20, 30, 40, 50])
+    eval_samples: Optional[int] = field(default=None, metadata={
+        "help": f"test prompts scored, 0: all ({_default('eval_samples')})"})
+    sampling_seeds: list[int] = field(default_factory=list, metadata={"help": _default("sampling_seeds")})
     max_new_tokens: int = 64
     quick: bool = field(default=False, metadata={
-        "help": "a few-minute version: sft, kd and kd_procrustes, 3 seeds, 200 student steps, 60 prompts, 2 "
-                "sampling seeds"})
+        "help": "a few-minute version: other defaults for --methods, --seeds, --student_steps, --eval_samples and "
+                "--sampling_seeds (each option's help shows them); what you give yourself is kept, --grid too"})
 
 
-def apply_quick(cfg: StudyConfig) -> None:
-    if cfg.quick:
-        cfg.methods, cfg.seeds = ["sft", "kd", "kd_procrustes"], [0, 1, 2]
-        cfg.student_steps, cfg.eval_samples, cfg.sampling_seeds = 200, 60, [10, 20]
+def resolve_defaults(cfg: StudyConfig) -> None:
+    """Fill in what the user left out: --quick's values, else the full study's."""
+    for name, value in (QUICK if cfg.quick else FULL).items():
+        if getattr(cfg, name) in (None, []):
+            setattr(cfg, name, value)
 
 
-def grid_points(cfg: StudyConfig) -> list[tuple[str, dict[str, str]]]:
-    """(run name, train option overrides) for every method x grid value, checked before anything runs."""
+def grid_values(cfg: StudyConfig, student_layers: int, teacher_layers: int) -> dict[str, list[str]]:
+    """--grid KEY=V1,V2,... checked value by value with the train options' own checks (a number in range, a layer
+    map within both models' depths)."""
     grid: dict[str, list[str]] = {}
     for item in cfg.grid:
         key, sep, values = item.partition("=")
         if not sep or key not in GRID_KEYS or not values:
             raise ConfigError(f"--grid {item!r}: write KEY=V1,V2,... with KEY one of {', '.join(GRID_KEYS)}")
+        if key in grid:
+            raise ConfigError(f"--grid {key} is given twice: give its values once, {key}=V1,V2,...")
         grid[key] = values.split(",")
+        if "" in grid[key] or len(set(grid[key])) != len(grid[key]):
+            raise ConfigError(f"--grid {item!r}: each value once, none empty")
+        for value in grid[key]:
+            try:
+                if key == "layer_map":
+                    layer_map(student_layers, teacher_layers, parse_layer_map(value.split("+")))
+                else:
+                    check_config(TrainConfig(mode="distill", data="-", student="-", out="-", features="-",
+                                             **{key: float(value)}))
+            except ValueError as e:  # float('abc'), or a ConfigError of the train options' checks
+                raise ConfigError(f"--grid {key}={value}: "
+                                  f"{e if isinstance(e, ConfigError) else 'not a number'}") from None
+    return grid
+
+
+def grid_points(cfg: StudyConfig, grid: dict[str, list[str]]) -> list[tuple[str, dict[str, str]]]:
+    """(run name, train option overrides) for every method x grid value."""
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise ConfigError(f"--methods {' '.join(cfg.methods)}: each method once")
     points = []
     for method in cfg.methods:
         method_settings(method)
@@ -90,21 +132,45 @@ def grid_points(cfg: StudyConfig) -> list[tuple[str, dict[str, str]]]:
     return points
 
 
-def run(cfg: StudyConfig) -> dict:
-    apply_quick(cfg)
-    points = grid_points(cfg)
+def plan(cfg: StudyConfig) -> tuple[list[tuple[str, dict[str, str]]], list[int]]:
+    """Every run of the study and the teacher layers its store needs; every option checked before any work."""
+    from pipeline.models import model_shape
+
+    resolve_defaults(cfg)
+    if len(cfg.seeds) < 2 or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"--seeds {' '.join(map(str, cfg.seeds))}: a study needs at least two different "
+                          f"training seeds")
+    if not cfg.sampling_seeds or len(set(cfg.sampling_seeds)) != len(cfg.sampling_seeds):
+        raise ConfigError("--sampling_seeds: at least one, each once")
+    for name in ("student_steps", "teacher_steps", "micro_batch_size", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.eval_samples < 0:
+        raise ConfigError(f"--eval_samples must be >= 0 (0: all), got {cfg.eval_samples}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"--lr {cfg.lr}: must be > 0")
+    student_layers = model_shape(cfg.student, "student")[1]  # from the configs: no weights loaded
+    teacher_layers = model_shape(cfg.teacher, "teacher")[1]
+    points = grid_points(cfg, grid_values(cfg, student_layers, teacher_layers))
     names = [n for n, _ in points]
     if cfg.reference not in names:
         raise ConfigError(f"--reference {cfg.reference!r} must be one of the runs ({', '.join(names)})")
-    if len(cfg.seeds) < 2:
-        raise ConfigError("--seeds: a study needs at least two training seeds")
-    from pipeline.models import model_shape
-
-    model_shape(cfg.teacher, "teacher")  # checked before anything is written
-    model_shape(cfg.student, "student")
     for folder, option in ((cfg.data, "data"), (cfg.test, "test")):
         if bool(cfg.data) != bool(cfg.test) or (folder and not (Path(folder) / "manifest.json").is_file()):
             raise ConfigError(f"--data and --test go together, each a prepared folder (--{option} {folder!r})")
+    stores = {"train": Path("-"), "valid": Path("-")}
+    check_train_steps([train_args(cfg, Path("-"), Path("-"), cfg.teacher, cfg.teacher_steps, 0)]
+                      + [train_args(cfg, Path("-"), Path("-"), cfg.student, cfg.student_steps, 0)
+                         + method_args(n.split("__")[0], stores, o) for n, o in points])
+    # The store holds every teacher layer a run reads: the default map's and each --grid layer_map's.
+    maps = [None] + [parse_layer_map(o["layer_map"].split()) for _, o in points if "layer_map" in o]
+    layers = sorted({t for m in maps for t in mapped_teacher_layers(layer_map(student_layers, teacher_layers, m))})
+    return points, layers
+
+
+def run(cfg: StudyConfig) -> dict:
+    points, layers = plan(cfg)
+    names = [n for n, _ in points]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "study_config.yaml")
@@ -117,7 +183,7 @@ def run(cfg: StudyConfig) -> dict:
     if cfg.teacher.startswith("preset:"):
         train_step(train_args(cfg, out / "teacher", data, cfg.teacher, cfg.teacher_steps, 0) + ["--mode", "sft"],
                    out / "teacher", log)
-    layers, features = cache_for(data, teacher, cfg.student, out / "features", log)
+    features = cache_for(data, teacher, layers, out / "features", log)
 
     print(f"[study] 2/5 {len(points)} runs x {len(cfg.seeds)} training seeds")
     runs = {}
