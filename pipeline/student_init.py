@@ -11,7 +11,7 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.io import atomic_dir, write_json_atomic
-from pipeline.models import decoder_of, load_model, model_fingerprint
+from pipeline.models import decoder_of, load_model, model_fingerprint, model_shape
 
 STUDENT_FILE = "student.json"
 
@@ -56,9 +56,10 @@ def make_student(teacher_dir: str | Path, layers_text: str, out: str | Path) -> 
     teacher_dir, out = Path(teacher_dir), Path(out)
     if out.exists():
         raise ConfigError(f"--out {out} exists; make-student never overwrites a folder: choose another --out")
+    # The layers are checked against the teacher's config first: a typo costs a second, not a big teacher's load.
+    layers = parse_layer_list(layers_text, model_shape(str(teacher_dir), "teacher")[1])
     teacher = load_model(str(teacher_dir), dtype=torch.float32)
     n = len(decoder_of(teacher).layers)
-    layers = parse_layer_list(layers_text, n)
     student = keep_layers(teacher, layers)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir, local_files_only=True)
     info = {"kind": "geokd-student-from-teacher", "teacher": str(teacher_dir.resolve()),

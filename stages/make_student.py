@@ -33,5 +33,9 @@ def run(cfg: MakeStudentConfig) -> None:
           + " ".join(f"{s}->{t}" for s, t in info["hidden_state_of_teacher"].items()))
 
 
+def main(argv: list[str] | None = None) -> int:
+    return stage_main("make-student", MakeStudentConfig, run, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(stage_main("make-student", MakeStudentConfig, run))
+    sys.exit(main())

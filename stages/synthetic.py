@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.config import save_config, stage_main
+from pipeline.errors import ConfigError
 from pipeline.geometry import (
     FEATURE_LOSSES,
     TokenRule,
@@ -261,6 +262,13 @@ def sweep_outputs(finals: list[dict], cfg: SyntheticConfig, out: Path) -> str:
 
 
 def run(cfg: SyntheticConfig) -> str:
+    for name in ("n", "d_teacher", "d_student", "directions", "steps", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    bad = [w for w in cfg.sweep_directions + cfg.sweep_widths if w < 1]
+    if bad or cfg.lr <= 0 or cfg.noise < 0 or cfg.massive < 0:
+        raise ConfigError("--sweep_directions and --sweep_widths must be >= 1, --lr > 0, --noise and --massive >= 0")
+    TokenRule.parse(cfg.token_rule)
     for name in cfg.losses:
         feature_loss(name)  # an unknown name is a ConfigError listing the choices
     if cfg.directions > cfg.d_student:

@@ -43,6 +43,8 @@ def check_config(cfg: CacheConfig) -> None:
     # Manifests keep one spelling per dtype, whichever the user typed.
     cfg.dtype = dtype_name(cfg.dtype, "dtype")
     cfg.teacher_dtype = dtype_name(cfg.teacher_dtype, "teacher_dtype", allow_auto=True)
+    if cfg.topk_logits < 0:
+        raise ConfigError(f"--topk_logits must be >= 0 (0: none), got {cfg.topk_logits}")
     if not cfg.layers and not cfg.final and not cfg.topk_logits:
         raise ConfigError("nothing to cache: give --layers, --final and/or --topk_logits")
     if len(set(cfg.layers)) != len(cfg.layers) or any(x < 0 for x in cfg.layers):

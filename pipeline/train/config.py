@@ -126,7 +126,7 @@ def check_config(cfg: TrainConfig) -> None:
     cfg.activation_checkpointing = {"on": "true", "off": "false"}.get(ac, ac)
     if cfg.activation_checkpointing not in ("auto", "true", "false"):
         raise ConfigError(f"--activation_checkpointing {ac!r}: choose auto, true or false")
-    for name in ("micro_batch_size", "grad_accum", "epochs", "nproc", "log_every"):
+    for name in ("micro_batch_size", "grad_accum", "epochs", "nproc", "log_every", "prefetch_factor"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     for name in ("max_steps", "stop_after", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples",
@@ -144,6 +144,13 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("--min_lr_ratio must be in [0, 1] and --warmup_ratio in [0, 1)")
     if cfg.lr <= 0:
         raise ConfigError(f"--lr {cfg.lr}: must be > 0")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"--{name} {getattr(cfg, name)}: must be in [0, 1)")
+    if cfg.adam_eps <= 0:
+        raise ConfigError(f"--adam_eps {cfg.adam_eps}: must be > 0")
+    if cfg.warmup_steps < -1:
+        raise ConfigError(f"--warmup_steps {cfg.warmup_steps}: give steps >= 0, or -1 for --warmup_ratio")
     pairs = parse_layer_map(cfg.layer_map)
     if cfg.layer_weights and len(cfg.layer_weights) != len(pairs or [None] * cfg.n_layer_pairs):
         raise ConfigError(f"--layer_weights has {len(cfg.layer_weights)} values for "
