@@ -103,10 +103,10 @@ def test_jsonl_with_field_map_and_rendered_prompts(tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ('{"instruction": "x", "output": "y"', "qa.jsonl:2: not valid JSON"),
-    ('{"instruction": "x"}', "qa.jsonl:2: missing field 'output'"),
+    ('{"instruction": "x"}', "qa.jsonl:2: record has no field 'output'"),
     ('{"instruction": "x", "output": []}', "qa.jsonl:2: field 'output' must be a string or a non-empty list"),
-    ('{"input": "x", "output": "y"}', "qa.jsonl:2: needs a 'prompt' or a non-empty 'instruction'"),
-    ('["x", "y"]', "qa.jsonl:2: expected a JSON object"),
+    ('{"input": "x", "output": "y"}', "qa.jsonl:2: record has no field 'instruction' (nor a 'prompt'"),
+    ('["x", "y"]', "qa.jsonl:2: expected one JSON object per line"),
 ])
 def test_bad_records_name_file_line_and_field(tmp_path, line, message):
     path = tmp_path / "qa.jsonl"

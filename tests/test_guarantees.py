@@ -412,9 +412,9 @@ def test_eval_names_bad_benchmarks_and_reads_fastchat_sets(tiny_pair, tmp_path):
     empty.write_text("\n")
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n')
-    wrong = _jsonl(tmp_path / "wrong.jsonl", [{"instruction": "a", "answer": "b"}])
+    wrong = _jsonl(tmp_path / "wrong.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "a", "answer": "b"}])
     for bench, words in ((empty, "empty.jsonl: no records"), (latin, "latin.jsonl:2: not valid UTF-8"),
-                         (wrong, "wrong.jsonl:1: missing field 'output'")):
+                         (wrong, "wrong.jsonl:2: record has no field 'output'")):
         proc = refusal("eval", "--models", tiny_pair.student, "--benchmarks", bench, "--greedy", "--out",
                      tmp_path / "e")
         assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-999:]
@@ -465,3 +465,128 @@ def test_resume_refuses_a_checkpoint_others_could_have_written(prepared_tiny, tm
     proc = stage("train", *args, "--resume")
     assert proc.returncode == 2 and "not safe to load" in proc.stderr and states.name in proc.stderr
     assert "resumed from" not in proc.stdout and not (out / "model").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--quick", "--methods", "kd", "nonsense"], "--methods 'nonsense': choose sft, kd or kd_<loss>"),
+    (["--quick", "--grid", "beta=abc"], "--grid beta=abc: not a number"),
+    (["--quick", "--grid", "alpha=0.5,1.5"], "--grid alpha=1.5: --alpha 1.5: must be in [0, 1]"),
+    (["--quick", "--grid", "layer_map=1:2+2:9"], "--grid layer_map=1:2+2:9: teacher layer 9 out of range 0..4"),
+    (["--seeds", "3", "3"], "--seeds 3 3: a study needs at least two different training seeds"),
+    (["--quick", "--student_steps", "0"], "--student_steps must be >= 1"),
+])
+def test_a_study_checks_every_method_grid_value_and_seed_before_any_work(args, words, tmp_path):
+    """study: an unknown method (also beside --quick), a grid value that is not a number or out of range, a layer
+    map past the teacher's depth, repeated seeds: one line naming it, exit 2, nothing written."""
+    proc = refusal("study", "--out", tmp_path / "study", *args)
+    assert proc.returncode == 2 and words in proc.stderr, proc.stderr[-1500:]
+    assert not (tmp_path / "study").exists()
+
+
+def test_quick_changes_the_studys_defaults_and_keeps_what_the_user_gave():
+    """study --quick with --methods/--seeds keeps the user's lists; the other quick defaults still apply; a
+    --grid layer map's teacher layers are cached beside the default map's."""
+    from stages.study import QUICK, StudyConfig, plan
+
+    cfg = StudyConfig(quick=True, methods=["kd", "kd_fg"], seeds=[4, 5], grid=["layer_map=1:1+2:3"],
+                      reference="kd__layer_map1-1_2-3")
+    points, layers = plan(cfg)
+    assert [n for n, _ in points] == ["kd__layer_map1-1_2-3", "kd_fg__layer_map1-1_2-3"] and cfg.seeds == [4, 5]
+    assert cfg.student_steps == QUICK["student_steps"] and cfg.sampling_seeds == QUICK["sampling_seeds"]
+    assert layers == [1, 2, 3, 4]  # 1 and 3 for the grid's map, 2 and 4 for the default map of tiny models
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--prefetch_factor", "0"], "--prefetch_factor must be >= 1"),
+    (["--adam_beta1", "1.5"], "--adam_beta1 1.5: must be in [0, 1)"),
+    (["--warmup_steps", "-5"], "--warmup_steps -5"),
+    (["--micro_batchsize", "4"], "unknown option '--micro_batchsize' (did you mean --micro_batch_size?)"),
+])
+def test_train_refuses_bad_optimizer_and_loader_values_and_names_a_misspelt_option(args, words, prepared_tiny,
+                                                                                   tmp_path):
+    """train: values torch would only refuse with a traceback mid-setup (an Adam beta of 1.5, a prefetch factor
+    of 0), a warmup below -1, and a misspelt option: one line, exit 2, nothing written."""
+    proc = refusal("train", "--data", prepared_tiny, "--student", "preset:tiny-student", "--out", tmp_path / "r",
+                   *args)
+    assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("stage, args, words", [
+    ("cache", ["--data", "{prep}", "--teacher", "preset:tiny-teacher", "--out", "{tmp}/c", "--layers", "1",
+               "--topk_logits", "-2"], "--topk_logits must be >= 0"),
+    ("analyze", ["--data", "{prep}", "--teacher", "preset:tiny-teacher", "--out", "{tmp}/a", "--max_tokens", "9"],
+     "unknown option '--max_tokens'"),
+    ("synthetic", ["--out", "{tmp}/s", "--d_student", "-4"], "--d_student must be >= 1, got -4"),
+    ("synthetic", ["--out", "{tmp}/s", "--steps", "0"], "--steps must be >= 1, got 0"),
+    ("demo", ["--out", "{tmp}/d", "--student_steps", "0"], "--teacher_steps and --student_steps must be >= 1"),
+    ("demo", ["--out", "{tmp}/d", "--micro_batch_size", "0"], "--micro_batch_size must be >= 1"),
+])
+def test_every_stage_refuses_a_bad_value_before_any_work(stage, args, words, prepared_tiny, tmp_path):
+    """The stage walk's findings (cache, analyze, synthetic, demo): a negative top-k, an option another stage has,
+    a negative width, zero steps (the demo's train steps would have read 0 as one epoch): one line, exit 2, no
+    folder made."""
+    args = [a.replace("{prep}", str(prepared_tiny)).replace("{tmp}", str(tmp_path)) for a in args]
+    proc = refusal(stage, *args)
+    assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    assert not [p for p in tmp_path.iterdir()]
+
+
+def test_make_student_checks_the_layers_against_the_config_before_loading_weights(tiny_pair, tmp_path):
+    """make-student --layers past the teacher's depth is refused from config.json alone: a teacher folder without
+    its weights gets the same one-line message (no load was tried)."""
+    config_only = tmp_path / "teacher"
+    config_only.mkdir()
+    (config_only / "config.json").write_bytes((tiny_pair.teacher / "config.json").read_bytes())
+    proc = refusal("make_student", "--teacher", config_only, "--layers", "0,6,40", "--out", tmp_path / "s")
+    assert proc.returncode == 2 and "--layers 0,6,40: [6, 40] out of range 0..3" in proc.stderr, proc.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_byte_order_mark_is_read_as_one_in_jsonl_json_yaml_and_deepspeed_json(tmp_path):
+    """A UTF-8 BOM (Windows tools, GLUE's MRPC files) at the start of JSONL, a JSON array, a YAML config and a
+    DeepSpeed JSON is read past, as the BOM it is."""
+    from pipeline.config import parse_config
+    from pipeline.data.sources import read_file
+    from pipeline.io import read_json
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.ds_config import load_ds_config
+
+    bom = b"\xef\xbb\xbf"
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_bytes(bom + b'{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n')
+    array = tmp_path / "a.json"
+    array.write_bytes(bom + b'[{"instruction": "a", "output": "b"}]')
+    assert [e.references for e in read_file(jsonl).examples] == [["b"], ["d"]]
+    assert [e.instruction for e in read_file(array).examples] == ["a"]
+    yaml_file = tmp_path / "train.yaml"
+    yaml_file.write_bytes(bom + b"lr: 0.002\nmode: sft\n")
+    assert parse_config(TrainConfig, ["--config", str(yaml_file)]).lr == 0.002
+    ds = tmp_path / "ds.json"
+    ds.write_bytes(bom + (ROOT / "ds_configs" / "zero2.json").read_bytes())
+    assert read_json(ds) == json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    assert load_ds_config(str(ds)) == load_ds_config(str(ROOT / "ds_configs" / "zero2.json"))
+
+
+def test_eval_reads_self_instruct_sets_and_fastchat_answers_old_and_partial(tiny_pair, tmp_path):
+    """eval takes what prepare takes (Self-Instruct's `instances`, one sample each; a BOM), FastChat's older
+    answer files ({"question_id", "text"}), and a reference file that covers only some questions: those are
+    scored, and it says how many were left out and why."""
+    si = tmp_path / "user_oriented.jsonl"
+    si.write_bytes(b"\xef\xbb\xbf" + json.dumps({"id": "u1", "instruction": "Reverse it.", "instances": [
+        {"input": "abc", "output": "cba"}, {"input": "xy", "output": "yx"}]}).encode() + b"\n")
+    questions = _jsonl(tmp_path / "question.jsonl", [{"question_id": i, "category": "generic",
+                                                      "turns": [f"Describe {w}."]} for i, w in enumerate("abc", 1)])
+    answers = _jsonl(tmp_path / "gpt35.jsonl", [{"question_id": 1, "text": "a!", "model_id": "gpt-3.5"},
+                                                {"question_id": 3, "text": "c!", "model_id": "gpt-3.5"}])
+    proc = refusal("eval", "--models", tiny_pair.student, "--benchmarks", si, f"fastchat:{questions}:{answers}",
+                   "--greedy", "--max_new_tokens", "2", "--out", tmp_path / "e")
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert "question: 1 of 3 questions left out: no reference answer in" in proc.stdout
+    gen = tmp_path / "e" / "generations" / "student"
+    rows = [json.loads(x) for x in (gen / "user_oriented" / "greedy.jsonl").read_text().splitlines()]
+    assert [r["references"] for r in rows] == [["cba"], ["yx"]] and "abc" in rows[0]["prompt"]
+    rows = [json.loads(x) for x in (gen / "question" / "greedy.jsonl").read_text().splitlines()]
+    assert [r["references"] for r in rows] == [["a!"], ["c!"]]
+    scores = json.loads((tmp_path / "e" / "scores.json").read_text())
+    assert "question_id 2" in json.dumps(scores)
