@@ -31,16 +31,6 @@ def method_settings(name: str) -> tuple[float, str]:
     return KD_ALPHA, loss
 
 
-def check_train_steps(runs: list[list[str]]) -> None:
-    """Every training step's options through train's own parser and checks, before the first step runs: a bad
-    value costs a second, not the steps before it. `runs`: `["stages.train", *options]` lists."""
-    from pipeline.config import parse_config
-    from pipeline.train.config import TrainConfig, check_config
-
-    for args in runs:
-        check_config(parse_config(TrainConfig, args[1:]))
-
-
 def run_step(args: list[str], log: Path) -> None:
     """Run `python -m <args>` as its own process; its output goes to the console and to `log`."""
     cmd = [sys.executable, "-m", *args]

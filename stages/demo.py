@@ -24,9 +24,10 @@ from pathlib import Path
 from pipeline.config import save_config, stage_main
 from pipeline.errors import ConfigError
 from pipeline.steps import (
-    DEFAULT_METHODS, cache_for, check_train_steps, default_teacher_layers, method_args, method_settings,
+    DEFAULT_METHODS, cache_for, default_teacher_layers, method_args, method_settings,
     prepare_builtin, run_step, train_step, validation_geometry,
 )
+from pipeline.train.config import check_train_steps
 
 # All students share every setting but their method (pipeline/steps.py: sft, kd, kd_<feature loss>).
 METHODS = DEFAULT_METHODS

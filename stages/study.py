@@ -35,10 +35,10 @@ from pipeline.errors import ConfigError
 from pipeline.models import layer_map, mapped_teacher_layers
 from pipeline.stats import compare, mean_ci, with_holm
 from pipeline.steps import (
-    DEFAULT_METHODS, cache_for, check_train_steps, method_args, method_settings, per_prompt_scores, prepare_builtin,
+    DEFAULT_METHODS, cache_for, method_args, method_settings, per_prompt_scores, prepare_builtin,
     run_step, train_step, validation_geometry,
 )
-from pipeline.train.config import TrainConfig, check_config, parse_layer_map
+from pipeline.train.config import TrainConfig, check_config, check_train_steps, parse_layer_map
 
 GRID_KEYS = {"alpha": lambda m: m != "sft", "beta": lambda m: method_settings(m)[1] != "none",
              "layer_map": lambda m: m != "sft"}

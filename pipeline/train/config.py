@@ -174,3 +174,12 @@ def teacher_mode(cfg: TrainConfig) -> str:
     if cfg.teacher_mode != "auto":
         return cfg.teacher_mode
     return "stored" if cfg.features else "online"
+
+
+def check_train_steps(runs: list[list[str]]) -> None:
+    """The training steps a demo or study will run (`["stages.train", *options]` lists), each through train's own
+    parser and checks before the first one starts: a bad value costs a second, not the steps before it."""
+    from pipeline.config import parse_config
+
+    for args in runs:
+        check_config(parse_config(TrainConfig, args[1:]))
