@@ -25,7 +25,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import Optional
 
 import numpy as np
@@ -142,13 +141,13 @@ def plan(cfg: StudyConfig) -> tuple[list[tuple[str, dict[str, str]]], list[int]]
                           f"training seeds")
     if not cfg.sampling_seeds or len(set(cfg.sampling_seeds)) != len(cfg.sampling_seeds):
         raise ConfigError("--sampling_seeds: at least one, each once")
-    for name in ("student_steps", "teacher_steps", "micro_batch_size", "max_new_tokens"):
+    # Steps are checked here because train reads --max_steps 0 as "one epoch"; --micro_batch_size and --lr are
+    # checked with every other train option by check_train_steps below.
+    for name in ("student_steps", "teacher_steps", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.eval_samples < 0:
         raise ConfigError(f"--eval_samples must be >= 0 (0: all), got {cfg.eval_samples}")
-    if cfg.lr <= 0:
-        raise ConfigError(f"--lr {cfg.lr}: must be > 0")
     student_layers = model_shape(cfg.student, "student")[1]  # from the configs: no weights loaded
     teacher_layers = model_shape(cfg.teacher, "teacher")[1]
     points = grid_points(cfg, grid_values(cfg, student_layers, teacher_layers))

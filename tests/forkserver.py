@@ -69,11 +69,10 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
 
 def _target(argv: list[str]) -> tuple[str, str, list[str]] | None:
     """('module' | 'script', name, args) for the launches the server takes; None for everything else."""
-    rest = [a for a in argv[:2] if a == "-u"]  # torchrun starts its ranks with -u: the server's streams are unbuffered
-    argv = argv[len(rest):]
-    if len(argv) >= 2 and argv[0] == "-m" and argv[1].split(".")[0] in ("stages", "torch"):
-        if argv[1].startswith("stages.") or argv[1] == "torch.distributed.run":
-            return "module", argv[1], argv[2:]
+    if argv[:1] == ["-u"]:  # torchrun starts its ranks with -u; the forked process's streams are unbuffered anyway
+        argv = argv[1:]
+    if argv[:1] == ["-m"] and len(argv) >= 2 and (argv[1].startswith("stages.") or argv[1] == "torch.distributed.run"):
+        return "module", argv[1], argv[2:]
     if argv and argv[0].endswith(".py") and "/bench/" in os.path.abspath(argv[0]):
         return "script", os.path.abspath(argv[0]), argv[1:]
     return None

@@ -7,8 +7,9 @@ import importlib
 import io
 import os
 import subprocess
-import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 from forkserver import python_for_stages
 
@@ -47,3 +48,11 @@ def stage_in_process(name: str, *args: object) -> subprocess.CompletedProcess:
         os.environ.clear()
         os.environ.update(saved)
     return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
+
+
+def wait_until(condition: Callable[[], bool], seconds: float, every: float = 0.05) -> bool:
+    """Poll `condition` until it holds or `seconds` pass; its last value."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(every)
+    return condition()

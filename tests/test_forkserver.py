@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 
 from forkserver import python_for_stages
-from helpers import ROOT, clean_env
+from helpers import ROOT, clean_env, wait_until
 
 
 def _alive(pid: int) -> bool:
@@ -41,14 +40,9 @@ def test_a_killed_shim_takes_its_process_with_it(prepared_tiny, tmp_path):
                              "--num_workers", "0", "--progress", "false", "--valid_split", ""],
                             cwd=ROOT, env=clean_env(OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert wait_until((out / "metrics.jsonl").exists, 60), "the run did not start"
     pid = int((out / ".lock").read_text().split()[1])  # the run writes its own pid into its folder lock
     assert pid != shim.pid and _alive(pid)
     shim.send_signal(signal.SIGKILL)
     shim.wait()
-    deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(pid), "the forked run outlived the process that started it"
+    assert wait_until(lambda: not _alive(pid), 10), "the forked run outlived the process that started it"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LAUNCH_VARS, ROOT, stage_in_process, stage_process
+from helpers import LAUNCH_VARS, ROOT, stage_in_process, stage_process, wait_until
 
 
 def stage(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -219,7 +219,6 @@ def test_killing_the_launcher_takes_its_ranks_down_and_a_live_run_holds_its_fold
     """SIGKILL of `train --nproc 2` leaves no rank running; while a run lives, another run into its --out is
     refused naming it; a mistake under --nproc 2 is said once, with exit 2 and no traceback."""
     import signal
-    import time
 
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
@@ -227,19 +226,13 @@ def test_killing_the_launcher_takes_its_ranks_down_and_a_live_run_holds_its_fold
     launcher = subprocess.Popen([sys.executable, "-m", "stages.train", "--nproc", "2",
                                  *map(str, sft_args(prepared_tiny, out, "--max_steps", "100000", "--valid_split", ""))],
                                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert (out / "metrics.jsonl").exists(), "the run did not start"
+    assert wait_until((out / "metrics.jsonl").exists, 240, every=0.2), "the run did not start"
     second = stage("train", *sft_args(prepared_tiny, out, "--max_steps", "5", "--resume"))
     assert second.returncode == 2 and "in use by a live train run (pid" in second.stderr, second.stderr[-1500:]
     assert len(_ranks_of(out)) >= 2
     launcher.send_signal(signal.SIGKILL)
     launcher.wait()
-    deadline = time.monotonic() + 30
-    while _ranks_of(out) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _ranks_of(out), "ranks outlived their launcher"
+    assert wait_until(lambda: not _ranks_of(out), 30, every=0.2), "ranks outlived their launcher"
 
     proc = stage("train", "--nproc", "2", *sft_args(prepared_tiny, tmp_path / "other", "--max_steps", "1",
                                                     "--train_split", "nope"))
