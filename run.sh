@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # geokd's one entry point.
 #   ./run.sh setup            create or update .venv (idempotent)
-#   ./run.sh test [pytest args]
+#   ./run.sh test [pytest args]    ruff, then pytest
 #   ./run.sh demo [args]      the whole pipeline on the built-in data, on this machine
 #   ./run.sh <stage> [args]   prepare | cache | train | eval | synthetic | study | analyze
 #   ./run.sh get-model NAME --out DIR    a real pretrained model (smollm2-135m-instruct) as a model dir
@@ -45,6 +45,7 @@ case "$cmd" in
     test)
         setup; runtime_env
         export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+        "$VENV/bin/ruff" check --quiet .   # the lint rules are in pyproject.toml
         exec "$PY" -m pytest "$@" ;;
     demo)
         setup; runtime_env

@@ -159,8 +159,9 @@ def main() -> None:
     pairs = [(s, t) for (s, _), t in zip(pairs, args.layers)]
     positions = [i for a, b in units for i in range(a, b)]
     groups = [positions[i : i + args.micro_batch] for i in range(0, len(positions), args.micro_batch)]
-    rows = ["| store | layer | k / d | bytes/token | x smaller | energy kept | k for 90/99/99.9% | D_P rel. change (mean / max) | "
-            "D_FG rel. change (mean / max) | D_P(full, low-rank) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| store | layer | k / d | bytes/token | x smaller | energy kept | k for 90/99/99.9% | "
+            "D_P rel. change (mean / max) | D_FG rel. change (mean / max) | D_P(full, low-rank) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for layer in args.layers:
         b = full_manifest["stats"]["bytes_per_token"][f"feat.{layer}"]
         rows.append(f"| full | {layer} | {teacher.config.hidden_size} | {b:.0f} | 1 | 1 | | 0 | 0 | 0 |")
@@ -214,8 +215,8 @@ def main() -> None:
     t0 = time.perf_counter()
     n = sum(int(b["attention_mask"].sum()) for b in batches_iter)
     dt = time.perf_counter() - t0
-    print(f"| DataLoader, 2 workers, batches of 16 padded to [B,T,d] {args.dtype}, after the first batch | {n / dt:,.0f} | "
-          f"{n * bytes_per_token / dt / 1e9:.2f} |")
+    print(f"| DataLoader, 2 workers, batches of 16 padded to [B,T,d] {args.dtype}, after the first batch | "
+          f"{n / dt:,.0f} | {n * bytes_per_token / dt / 1e9:.2f} |")
 
 
 if __name__ == "__main__":

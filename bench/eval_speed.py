@@ -84,8 +84,9 @@ def main() -> None:
 
     print(f"# eval_speed: {name}, {n_params / 1e6:.1f}M params, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
-    print(f"# {len(encoded)} {'built-in' if args.builtin else 'Dolly'} prompts ({prompt_tokens / len(encoded):.0f} tokens on average), "
-          f"{args.new_tokens} new tokens each (EOS suppressed until then)\n")
+    print(f"# {len(encoded)} {'built-in' if args.builtin else 'Dolly'} prompts "
+          f"({prompt_tokens / len(encoded):.0f} tokens on average), {args.new_tokens} new tokens each "
+          f"(EOS suppressed until then)\n")
     print("| mode | batch size | wall s | new tokens/s | vs batch 1 |")
     print("| --- | --- | --- | --- | --- |")
     generate_all(model, tok, plan_batches(encoded[:2], 2), GenerationSettings(max_new_tokens=4), 10)  # warm-up

@@ -58,7 +58,7 @@ def sync() -> None:
 
 def reference(name: str, student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor | None
               ) -> tuple[float, torch.Tensor]:
-    """(value, gradient) from the definitions in float64, sharing no code with pipeline/geometry.py."""
+    """(value, gradient) from the definitions in float64, sharing no code with pipeline/geometry/__init__.py."""
     s = student.detach().double().requires_grad_(True)
 
     def norm(x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from pipeline.train.config import TrainConfig  # noqa: E402
 from pipeline.train.data import StepBatchSampler, make_loader, to_device  # noqa: E402
 from pipeline.train.setup import plan_run, warmup_cosine  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from pipeline.teacher import load_frozen_teacher
+from pipeline.models.teacher import load_frozen_teacher
 from pipeline.train.objective import StudentWithHeads  # noqa: E402
 from pipeline.train.data import make_collate, make_dataset  # noqa: E402
 from pipeline.train.targets import online_targets, stored_targets  # noqa: E402

@@ -21,8 +21,8 @@ from pipeline.features.store import FeatureDataset, FeatureStore, collate_with_f
 from pipeline.geometry import ALL_TOKENS, DEFAULT_TOKEN_RULE, cka_distance, feature_gram_distance  # noqa: E402
 from pipeline.geometry import procrustes_distance  # noqa: E402
 from pipeline.models import capture_hidden_states, load_model  # noqa: E402
-from pipeline.stats import paired_bootstrap  # noqa: E402
-from pipeline.steps import per_prompt_scores  # noqa: E402
+from pipeline.experiments.stats import paired_bootstrap  # noqa: E402
+from pipeline.experiments.steps import per_prompt_scores  # noqa: E402
 
 PAIRS = [(4, 20), (6, 30)]
 STUDENTS = {"init": "student_init", "sft": "sft/model", "kd": "kd/model", "kd_procrustes": "kd_procrustes/model",
@@ -78,7 +78,8 @@ def main(root: Path) -> None:
     rows = {}
     for name, rel in STUDENTS.items():
         diff, p = paired_bootstrap(prompts[name], prompts["kd"])
-        rows[name] = {"rouge_l_dolly": students[name]["dolly"]["mean"], "n_prompts": students[name]["dolly"]["n_samples"],
+        rows[name] = {"rouge_l_dolly": students[name]["dolly"]["mean"],
+                      "n_prompts": students[name]["dolly"]["n_samples"],
                       "vs_kd": {"mean": diff.mean, "low": diff.low, "high": diff.high, "bootstrap_p": p},
                       "train_minutes": minutes.get(name), **valid_measures(root / rel, data, store, tok.pad_token_id)}
     report = {"teacher": {k: {"rouge_l": v["mean"], "n_prompts": v["n_samples"], "mean_new_tokens":

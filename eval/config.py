@@ -68,7 +68,7 @@ class EvalConfig:
     top_p: float = 1.0
     no_repeat_ngram_size: int = 6
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         dtype_name(self.dtype, "dtype", allow_auto=True)  # the same names as cache and train
         check_template(self.template)
         if self.prompt_truncation not in ("left", "right"):

@@ -25,7 +25,7 @@ from pipeline.data.prompts import chat_prompt
 from pipeline.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import atomic_path, check_folder_is_ours, read_json, write_json_atomic
-from pipeline.models import check_causal_lm_dir, quick_model_fingerprint
+from pipeline.models import check_causal_lm_dir, load_model, quick_model_fingerprint
 from pipeline.runtime import (
     barrier, broadcast_object, destroy_process_group, dist_info, gather_lists, init_process_group, pick_device,
     torch_dtype,
@@ -51,10 +51,8 @@ def model_names(paths: Sequence[str]) -> list[str]:
 
 
 def load_model_and_tokenizer(model_dir: str, tokenizer_dir: str, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoModelForCausalLM
-
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
+    model = load_model(model_dir, tokenizer=tokenizer, dtype=dtype)
     return model.to(device).eval(), tokenizer
 
 
@@ -168,6 +166,7 @@ def _plan(config: EvalConfig, names: list[str], benches: list[Benchmark], protoc
 
 def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Score every model on every benchmark; returns scores.json's content (on rank 0; {} on other ranks)."""
+    config.check()  # a library entry point too (`evaluate(EvalConfig(...))`), not only the stage's
     if not config.models:
         raise ConfigError("models: give at least one model directory (--models DIR [DIR ...])")
     for model_dir in config.models:

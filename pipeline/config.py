@@ -107,10 +107,14 @@ def save_config(config: Any, path: str | Path) -> None:
 
 
 def stage_main(name: str, cls: type[T], recipe: Callable[[T], Any], argv: Sequence[str] | None = None) -> int:
-    """A stage's `main`: its config parsed from the command line (and --config YAML), then its recipe. A user's
-    mistake becomes one line on stderr and exit 2; an int the recipe returns is the exit status, anything else 0."""
+    """A stage's `main`, the one contract every stage follows (tests/test_layering.py holds it): its config parsed
+    from the command line (and --config YAML), its `check()` (every option, before any work or any write), then
+    its recipe. A user's mistake becomes one line on stderr and exit 2; an int the recipe returns is the exit
+    status, anything else 0."""
     def body() -> int:
-        result = recipe(parse_config(cls, argv))
+        config = parse_config(cls, argv)
+        config.check()
+        result = recipe(config)
         return result if isinstance(result, int) else 0
 
     return run_stage(name, body)

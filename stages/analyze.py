@@ -27,7 +27,7 @@ from pipeline.features.analysis import analyze_batches
 from pipeline.features.store import FeatureDataset, FeatureStore, collate_with_features
 from pipeline.io import atomic_dir, write_json_atomic
 from pipeline.models import capture_hidden_states, model_shape
-from pipeline.teacher import load_frozen_teacher
+from pipeline.models.teacher import load_frozen_teacher
 from pipeline.runtime import pick_device
 
 
@@ -42,6 +42,14 @@ class AnalyzeConfig:
     samples: int = field(default=200, metadata={"help": "samples of the split to use at most (0 = all)"})
     micro_batch_size: int = field(default=8, metadata={"help": "samples per micro-batch, as in training"})
     out: str = field(default="", metadata={"help": "report folder to create"})
+
+    def check(self) -> None:
+        if not self.data or not self.out or bool(self.teacher) == bool(self.features):
+            raise ConfigError("analyze needs --data, --out, and one of --teacher DIR or --features STORE")
+        if Path(self.out).exists():
+            raise ConfigError(f"--out {self.out} exists; analyze never overwrites a folder: choose another --out")
+        if self.micro_batch_size < 1 or self.samples < 0:
+            raise ConfigError("--micro_batch_size must be >= 1 and --samples >= 0")
 
 
 def teacher_batches(cfg: AnalyzeConfig, tokens: Any, tok: Any, layers: list[int]) -> Iterator[tuple]:
@@ -117,13 +125,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def run(cfg: AnalyzeConfig) -> None:
-    if not cfg.data or not cfg.out or bool(cfg.teacher) == bool(cfg.features):
-        raise ConfigError("analyze needs --data, --out, and one of --teacher DIR or --features STORE")
     out = Path(cfg.out)
-    if out.exists():
-        raise ConfigError(f"--out {out} exists; analyze never overwrites a folder: choose another --out")
-    if cfg.micro_batch_size < 1 or cfg.samples < 0:
-        raise ConfigError("--micro_batch_size must be >= 1 and --samples >= 0")
     data = PreparedData(cfg.data)
     tok = data.tokenizer()
     tokens = data.split(cfg.split)

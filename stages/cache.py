@@ -20,16 +20,16 @@ from tqdm import tqdm
 
 from pipeline.config import config_to_dict, stage_main
 from pipeline.data.prepared import PreparedData
-from pipeline.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+from pipeline.data.tokenizer import check_same_tokenizer, load_tokenizer
 from pipeline.errors import StoreError
 from pipeline.features import cache, plan as store_plan
-from pipeline.features.config import CacheConfig, check_config
+from pipeline.features.config import CacheConfig
 from pipeline.features.format import DTYPES, LOWRANK_FILE, MANIFEST, PLAN, verify_files
 from pipeline.features.lowrank import load_lowrank
 from pipeline.features.store import FeatureStore
 from pipeline.io import read_json, sha256_file
 from pipeline.models import model_fingerprint
-from pipeline.teacher import load_frozen_teacher
+from pipeline.models.teacher import load_frozen_teacher
 from pipeline.runtime import (
     barrier, destroy_process_group, ensure_dist_env, init_process_group, pick_device, torch_dtype,
 )
@@ -47,15 +47,15 @@ def run(cfg: CacheConfig) -> int:
     data = PreparedData(cfg.data)
     dataset = data.split(cfg.split)
     tok = data.tokenizer()
+    teacher_dir = Path(cfg.teacher) if not cfg.teacher.startswith("preset:") else None
+    if teacher_dir is not None and (teacher_dir / "tokenizer_config.json").is_file():  # before the weights load
+        check_same_tokenizer(load_tokenizer(str(teacher_dir)), tok, ("teacher", "prepared data"),
+                             where=f"{teacher_dir} and {cfg.data}: ")
     device = pick_device(dist.local_rank)
     compute_dtype = torch_dtype(cfg.teacher_dtype, device)
     model, input_device = load_frozen_teacher(cfg.teacher, tokenizer=tok, dtype=compute_dtype, device=device,
                                               world_size=dist.world_size, seed=cfg.seed)
-    teacher_dir = Path(cfg.teacher) if not cfg.teacher.startswith("preset:") else None
-    if teacher_dir is not None and (teacher_dir / "tokenizer_config.json").is_file():
-        if tokenizer_fingerprint(load_tokenizer(str(teacher_dir))) != data.tokenizer_fingerprint:
-            raise StoreError(f"teacher {teacher_dir} has another tokenizer than the prepared data {cfg.data}")
-    elif teacher_dir is not None:
+    if teacher_dir is not None and not (teacher_dir / "tokenizer_config.json").is_file():
         # No tokenizer to compare: at least its special token ids must be the data's (the vocabulary size was
         # checked when it loaded).
         ids = {name: (getattr(model.config, f"{name}_token_id", None), getattr(tok, f"{name}_token_id"))
@@ -170,7 +170,6 @@ def finalize(out: Path) -> int:
 
 
 def dispatch(cfg: CacheConfig) -> int:
-    check_config(cfg)
     if cfg.verify:
         return verify(Path(cfg.out))
     if cfg.finalize:

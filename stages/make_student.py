@@ -5,7 +5,7 @@ embeddings and head), the usual way to start a small student of a pretrained tea
 
 --layers are 0-based decoder layer indices, kept in order. OUT/student.json records the teacher (path and
 fingerprint), the kept layers and which teacher hidden state each student hidden state came from, to pick
---layer_map pairs by. The work: pipeline/student_init.py.
+--layer_map pairs by. The work: pipeline/models/student_init.py.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from pipeline.config import stage_main
 from pipeline.errors import ConfigError
-from pipeline.student_init import make_student
+from pipeline.models.student_init import make_student
 
 
 @dataclass
@@ -23,10 +23,12 @@ class MakeStudentConfig:
     layers: str = field(default="", metadata={"help": "0-based decoder layers to keep, e.g. 0,6,12,18,24,29"})
     out: str = field(default="", metadata={"help": "student model folder to create (never overwritten)"})
 
+    def check(self) -> None:
+        if not self.teacher or not self.layers or not self.out:
+            raise ConfigError("make-student needs --teacher DIR --layers 0,6,... --out DIR")
+
 
 def run(cfg: MakeStudentConfig) -> None:
-    if not cfg.teacher or not cfg.layers or not cfg.out:
-        raise ConfigError("make-student needs --teacher DIR --layers 0,6,... --out DIR")
     info = make_student(cfg.teacher, cfg.layers, cfg.out)
     print(f"[make-student] {cfg.out}: {len(info['kept_layers'])} of {info['teacher_layers']} layers "
           f"({info['parameters'] / 1e6:.1f}M parameters); student hidden state -> teacher hidden state: "

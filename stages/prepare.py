@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import config_to_dict, stage_main
-from pipeline.data.config import LOCATION_FIELDS, PrepareConfig, check_config
+from pipeline.data.config import LOCATION_FIELDS, PrepareConfig
 from pipeline.data.prepared import (
     MANIFEST_KIND, PreparedData, claim_output_dir, count_duplicates, finish_output_dir, length_stats, split_samples,
     tokenize_examples, write_split,
@@ -39,7 +39,6 @@ from pipeline.io import sha256_json
 def run(config: PrepareConfig) -> Path:
     start = time.time()
     out = Path(config.out)
-    check_config(config)
     if config.verify:
         info = PreparedData(out).verify()
         print(f"[prepare] {out}: OK, {info['files']} files of {info['splits']} split(s) match their sha256")

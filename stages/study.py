@@ -10,8 +10,8 @@ a seed changes the student's initialisation and data order, nothing else; 5. sco
 seeds averaged inside each run); 6. report: per method the mean and 95% CI over training seeds of ROUGE-L,
 validation CE and D_P / D_FG / D_CKA; every method against --reference and against SFT: mean difference with
 its CI, the paired t-test over training seeds (primary, Holm-corrected over the comparisons against the same
-reference), Wilcoxon's signed-rank test, and a paired bootstrap over prompts (against SFT too when it ran). OUT/report.md, OUT/forest.png,
-OUT/study.json. Each step is its own process; a killed study resumes where it stopped.
+reference), Wilcoxon's signed-rank test, and a paired bootstrap over prompts (against SFT too when it ran).
+OUT/report.md, OUT/forest.png, OUT/study.json. Each step is its own process; a killed study resumes where it stopped.
 --grid KEY=V1,V2,...: each method whose objective uses KEY (alpha: the KD methods; beta: those with a feature
 loss; layer_map: distillation methods, pairs joined by '+', e.g. layer_map=1:2+2:4,2:4) once per value.
 --quick only changes defaults (methods, seeds, steps, prompts, sampling seeds): an option you give is kept. Every
@@ -32,12 +32,12 @@ import numpy as np
 from pipeline.config import config_to_dict, save_config, stage_main
 from pipeline.errors import ConfigError
 from pipeline.models import layer_map, mapped_teacher_layers
-from pipeline.stats import compare, mean_ci, with_holm
-from pipeline.steps import (
+from pipeline.experiments.stats import compare, mean_ci, with_holm
+from pipeline.experiments.steps import (
     DEFAULT_METHODS, cache_for, method_args, method_settings, per_prompt_scores, prepare_builtin,
     run_step, train_step, validation_geometry,
 )
-from pipeline.train.config import TrainConfig, check_config, check_train_steps, parse_layer_map
+from pipeline.train.config import TrainConfig, check_train_steps, parse_layer_map
 
 GRID_KEYS = {"alpha": lambda m: m != "sft", "beta": lambda m: method_settings(m)[1] != "none",
              "layer_map": lambda m: m != "sft"}
@@ -80,6 +80,22 @@ class StudyConfig:
         "help": "a few-minute version: other defaults for --methods, --seeds, --student_steps, --eval_samples and "
                 "--sampling_seeds (each option's help shows them); what you give yourself is kept, --grid too"})
 
+    def check(self) -> None:
+        """The options alone, with the defaults filled in; `plan` checks what they imply for the models."""
+        resolve_defaults(self)
+        if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"--seeds {' '.join(map(str, self.seeds))}: a study needs at least two different "
+                              f"training seeds")
+        if not self.sampling_seeds or len(set(self.sampling_seeds)) != len(self.sampling_seeds):
+            raise ConfigError("--sampling_seeds: at least one, each once")
+        # Steps are checked here because train reads --max_steps 0 as "one epoch"; --micro_batch_size and --lr are
+        # checked with every other train option by plan's check_train_steps.
+        for name in ("student_steps", "teacher_steps", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_samples < 0:
+            raise ConfigError(f"--eval_samples must be >= 0 (0: all), got {self.eval_samples}")
+
 
 def resolve_defaults(cfg: StudyConfig) -> None:
     """Fill in what the user left out: --quick's values, else the full study's."""
@@ -106,8 +122,8 @@ def grid_values(cfg: StudyConfig, student_layers: int, teacher_layers: int) -> d
                 if key == "layer_map":
                     layer_map(student_layers, teacher_layers, parse_layer_map(value.split("+")))
                 else:
-                    check_config(TrainConfig(mode="distill", data="-", student="-", out="-", features="-",
-                                             **{key: float(value)}))
+                    TrainConfig(mode="distill", data="-", student="-", out="-", features="-",
+                                **{key: float(value)}).check()
             except ValueError as e:  # float('abc'), or a ConfigError of the train options' checks
                 raise ConfigError(f"--grid {key}={value}: "
                                   f"{e if isinstance(e, ConfigError) else 'not a number'}") from None
@@ -132,22 +148,10 @@ def grid_points(cfg: StudyConfig, grid: dict[str, list[str]]) -> list[tuple[str,
 
 
 def plan(cfg: StudyConfig) -> tuple[list[tuple[str, dict[str, str]]], list[int]]:
-    """Every run of the study and the teacher layers its store needs; every option checked before any work."""
+    """Every run of the study and the teacher layers its store needs, checked against the models' configs and
+    train's own options before any work (after `StudyConfig.check`)."""
     from pipeline.models import model_shape
 
-    resolve_defaults(cfg)
-    if len(cfg.seeds) < 2 or len(set(cfg.seeds)) != len(cfg.seeds):
-        raise ConfigError(f"--seeds {' '.join(map(str, cfg.seeds))}: a study needs at least two different "
-                          f"training seeds")
-    if not cfg.sampling_seeds or len(set(cfg.sampling_seeds)) != len(cfg.sampling_seeds):
-        raise ConfigError("--sampling_seeds: at least one, each once")
-    # Steps are checked here because train reads --max_steps 0 as "one epoch"; --micro_batch_size and --lr are
-    # checked with every other train option by check_train_steps below.
-    for name in ("student_steps", "teacher_steps", "max_new_tokens"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.eval_samples < 0:
-        raise ConfigError(f"--eval_samples must be >= 0 (0: all), got {cfg.eval_samples}")
     student_layers = model_shape(cfg.student, "student")[1]  # from the configs: no weights loaded
     teacher_layers = model_shape(cfg.teacher, "teacher")[1]
     points = grid_points(cfg, grid_values(cfg, student_layers, teacher_layers))

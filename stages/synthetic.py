@@ -67,6 +67,18 @@ class SyntheticConfig:
     sweep_widths: list[int] = field(default_factory=list, metadata={"help": "student widths of the sweep"})
     sweep_seeds: list[int] = field(default_factory=list, metadata={"help": "seeds of the sweep (default: --seed)"})
 
+    def check(self) -> None:
+        for name in ("n", "d_teacher", "d_student", "directions", "steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if any(w < 1 for w in self.sweep_directions + self.sweep_widths) or self.lr <= 0 or self.noise < 0 \
+                or self.massive < 0:
+            raise ConfigError("--sweep_directions and --sweep_widths must be >= 1, --lr > 0, --noise and --massive "
+                              ">= 0")
+        TokenRule.parse(self.token_rule)
+        for name in self.losses:
+            feature_loss(name)  # an unknown name is a ConfigError listing the choices
+
 
 def make_teacher(cfg: SyntheticConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher vectors [n, d_t] and each vector's direction id [n]."""
@@ -262,15 +274,6 @@ def sweep_outputs(finals: list[dict], cfg: SyntheticConfig, out: Path) -> str:
 
 
 def run(cfg: SyntheticConfig) -> str:
-    for name in ("n", "d_teacher", "d_student", "directions", "steps", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    bad = [w for w in cfg.sweep_directions + cfg.sweep_widths if w < 1]
-    if bad or cfg.lr <= 0 or cfg.noise < 0 or cfg.massive < 0:
-        raise ConfigError("--sweep_directions and --sweep_widths must be >= 1, --lr > 0, --noise and --massive >= 0")
-    TokenRule.parse(cfg.token_rule)
-    for name in cfg.losses:
-        feature_loss(name)  # an unknown name is a ConfigError listing the choices
     if cfg.directions > cfg.d_student:
         print(f"note: {cfg.directions} directions exceed the student width {cfg.d_student}: full recovery is "
               "impossible, the D_P floor below says by how much")

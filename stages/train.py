@@ -22,8 +22,7 @@ import time
 import warnings
 from typing import Any
 
-from pipeline.config import parse_config, without_option
-from pipeline.errors import run_stage
+from pipeline.config import stage_main, without_option
 from pipeline.runtime import destroy_process_group, launch_local_ranks
 from pipeline.train.config import TrainConfig
 
@@ -58,8 +57,7 @@ def train(run: Any) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
 
-    def body() -> int:
-        cfg = parse_config(TrainConfig, argv)
+    def recipe(cfg: TrainConfig) -> int:
         if cfg.nproc > 1 and "RANK" not in os.environ:
             # The ranks see RANK set and do not launch again; --nproc is left out of their arguments all the same.
             return launch_local_ranks("stages.train", cfg.nproc, without_option(argv, "--nproc"))
@@ -76,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             destroy_process_group()
         return 0
 
-    return run_stage("train", body)
+    return stage_main("train", TrainConfig, recipe, argv)
 
 
 if __name__ == "__main__":

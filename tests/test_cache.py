@@ -4,7 +4,6 @@ are refused naming what is wrong, and the store feeds a DataLoader with workers.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.teacher import teacher_placement
+from pipeline.models.teacher import teacher_placement
 from pipeline.data.prepared import PreparedData
 from pipeline.errors import StoreError
 from pipeline.features.format import shard_file
@@ -23,8 +22,8 @@ from pipeline.features.store import FeatureDataset, FeatureStore, collate_with_f
 from pipeline.models import capture_hidden_states, load_model, model_fingerprint
 from stages.cache import main
 from multinode.hosts import can_run_here
+from helpers import ROOT, clean_env
 
-ROOT = Path(__file__).resolve().parents[1]
 # Units of ~3k tokens: the 36k-token train split makes 12 shards, so a kill after the first lands mid-run.
 # Layers 0 and 1: two stored states for the cost of one decoder layer (the forward stops after layer 1).
 BIG_ARGS = ["--layers", "0", "1", "--shard_tokens", "3000", "--batch_tokens", "4096", "--progress", "false"]
@@ -49,7 +48,7 @@ def reference(prepared_tiny, tiny_pair, tmp_path_factory):
 
 def test_sigkill_then_rerun_gives_the_same_store(reference, prepared_tiny, tiny_pair, tmp_path, capsys):
     out = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = clean_env()
     proc = subprocess.Popen([sys.executable, "-m", "stages.cache",
                              *cache_args(prepared_tiny, tiny_pair.teacher, out, *BIG_ARGS)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -78,7 +77,7 @@ def test_sigkill_then_rerun_gives_the_same_store(reference, prepared_tiny, tiny_
 @pytest.mark.skipif(can_run_here(), reason="shown across two hosts by tests/test_multinode.py on this machine")
 def test_two_torchrun_ranks_give_the_same_store(reference, prepared_tiny, tiny_pair, tmp_path):
     out = tmp_path / "two_ranks"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = clean_env(OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "stages.cache", *cache_args(prepared_tiny, tiny_pair.teacher, out, *BIG_ARGS)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -7,10 +7,9 @@ import pytest
 from transformers import OPTConfig, OPTForCausalLM
 
 from pipeline.config import parse_config
-from helpers import stage_in_process, stage_process
+from helpers import ROOT, stage_in_process, stage_process
 from pipeline.data.tokenizer import load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "configs").iterdir() if p.is_dir())
 
 
@@ -43,7 +42,8 @@ def test_every_recipe_file_parses(recipe):
 
 def tiny_like(num_layers: int, hidden: int, tok, path: Path) -> str:
     """An OPT with the real model's depth (so the recipe's layer indices hold) at a tiny width."""
-    config = OPTConfig(vocab_size=len(tok), hidden_size=hidden, word_embed_proj_dim=hidden, num_hidden_layers=num_layers,
+    config = OPTConfig(vocab_size=len(tok), hidden_size=hidden, word_embed_proj_dim=hidden,
+                       num_hidden_layers=num_layers,
                        num_attention_heads=2, ffn_dim=2 * hidden, max_position_embeddings=512,
                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     OPTForCausalLM(config).save_pretrained(path)
@@ -87,6 +87,7 @@ def test_opt1_3b_to_125m_recipe_runs_on_same_depth_tiny_models(tmp_path):
     valid = [m for m in metrics if m["split"] == "valid"][-1]
     assert {"D_P/s6_t12", "D_P/s12_t24"} <= set(valid)  # the recipe's layer map, measured on validation
     run(["stages.eval", "--config", str(recipe / "eval.yaml"), "--models", str(r / "student" / "model"),
-         "--benchmarks", str(r / "data" / "valid" / "records.jsonl"), "--field_map", "output=references", "--max_samples", "3", "--greedy", "--max_new_tokens", "4",
+         "--benchmarks", str(r / "data" / "valid" / "records.jsonl"), "--field_map", "output=references",
+         "--max_samples", "3", "--greedy", "--max_new_tokens", "4",
          "--dtype", "float32", "--out", str(r / "eval")])
     assert json.loads((r / "eval" / "scores.json").read_text())

@@ -21,8 +21,8 @@ from pipeline.config import parse_config
 from pipeline.errors import ConfigError
 from pipeline.data.prompts import render_prompt
 from pipeline.runtime import free_port
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def reference_rouge(generation: str, references: list[str]) -> float:
@@ -280,12 +280,12 @@ def test_cli_config_and_names(tmp_path):
     assert config.greedy and config.runs() == [None] and config.batch_size == 3 and config.max_samples == 4
     assert config.budget() == 256
     with pytest.raises(ConfigError, match="dtype"):
-        parse_config(EvalConfig, ["--models", "a", "--dtype", "fp8"])
+        parse_config(EvalConfig, ["--models", "a", "--dtype", "fp8"]).check()
     assert model_names(["/r/a/final", "/r/b/final", "/r/c"]) == ["a__final", "b__final", "c"]
     named = parse_config(EvalConfig, ["--models", "x/model", "y/model", "--names", "teacher", "student"])
     assert named.names == ["teacher", "student"]
     with pytest.raises(ConfigError, match="names"):
-        parse_config(EvalConfig, ["--models", "a", "b", "--names", "only-one"])
+        parse_config(EvalConfig, ["--models", "a", "b", "--names", "only-one"]).check()
 
 
 @pytest.mark.skipif(can_run_here(), reason="shown across two hosts by tests/test_multinode.py on this machine")
@@ -296,7 +296,8 @@ def test_two_ranks_equal_one_rank(tiny_pair, tmp_path):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "stages.eval", "--models", str(tiny_pair.student), "--benchmarks", *sets, "--out", str(tmp_path / "two"),
+           "-m", "stages.eval", "--models", str(tiny_pair.student), "--benchmarks", *sets,
+           "--out", str(tmp_path / "two"),
            "--seeds", "10", "20", "--batch-size", "2", "--max-new-tokens", "4"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

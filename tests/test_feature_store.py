@@ -148,7 +148,8 @@ def test_incompatible_store_is_refused_naming_what_differs(tmp_path):
     store.check_compatible(teacher_fingerprint="t" * 64, data_fingerprint="d" * 64, tokenizer_fingerprint="k" * 64,
                            layers=[2, "final"])
     for kwargs, what in (({"teacher_fingerprint": "x" * 64}, "teacher"), ({"data_fingerprint": "x" * 64}, "data"),
-                         ({"tokenizer_fingerprint": "x" * 64}, "tokenizer"), ({"layers": [2, 3]}, r"layers: store lacks \[3\]")):
+                         ({"tokenizer_fingerprint": "x" * 64}, "tokenizer"),
+                         ({"layers": [2, 3]}, r"layers: store lacks \[3\]")):
         with pytest.raises(StoreError, match=f"does not match this run: {what}"):
             store.check_compatible(**kwargs)
 
@@ -174,7 +175,8 @@ def test_resume_bookkeeping(tmp_path):
 
 def test_output_folder_refusals(tmp_path):
     _, plan, _ = build_store(tmp_path / "store")
-    other = store_plan.make_plan({**plan["content"], "layers": [2, 4], "teacher_fingerprint": "z" * 64}, plan["units"], {})
+    other = store_plan.make_plan({**plan["content"], "layers": [2, 4], "teacher_fingerprint": "z" * 64},
+                                 plan["units"], {})
     with pytest.raises(StoreError, match=r"another layers \(store: \[2, 'final'\], this run: \[2, 4\]\); teacher"):
         store_plan.check_output_folder(tmp_path / "store", other)
     # A run killed while writing its plan left only the plan's temp file: the folder counts as new.

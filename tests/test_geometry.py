@@ -290,7 +290,8 @@ def test_mask_shape_mismatch_is_a_clear_error():
 def test_procrustes_floor_is_attained_by_the_truncated_teacher():
     g = gen(14)
     n, dt, ds = 120, 24, 6
-    t = torch.randn(n, dt, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(0, -1, dt, dtype=torch.float64))
+    spectrum = torch.diag(torch.logspace(0, -1, dt, dtype=torch.float64))
+    t = torch.randn(n, dt, generator=g, dtype=torch.float64) @ spectrum
     floor = procrustes_floor(t, ds).item()
     rt = normalize_features(t)
     u, sv, vh = torch.linalg.svd(rt, full_matrices=False)

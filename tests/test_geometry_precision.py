@@ -3,7 +3,7 @@
 Real teachers are anisotropic (a few directions hold most of the energy; one token's massive activation can hold
 99% of a layer's variance) and a micro-batch has thousands of tokens: exactly where fp32 products and a fixed
 Newton-Schulz step count went wrong. The reference is written here from the definitions (SVD of the normalized
-features' cross product in float64) and shares no code with pipeline/geometry.py.
+features' cross product in float64) and shares no code with pipeline/geometry/__init__.py.
 """
 from __future__ import annotations
 

@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-from pathlib import Path
 
 from forkserver import python_for_stages
+from helpers import ROOT, clean_env
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_suite_smoke_runs_every_section_and_reports_exact_losses(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = clean_env(OMP_NUM_THREADS="1")
     proc = subprocess.run([python_for_stages(), "bench/gpu_suite.py", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

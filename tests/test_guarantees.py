@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LAUNCH_VARS, ROOT, stage_in_process, stage_process, wait_until
+from helpers import ROOT, clean_env, stage_in_process, stage_process, wait_until
 
 
 def stage(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -93,7 +93,7 @@ def test_eval_names_cannot_write_outside_out(name, tmp_path):
     from pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match="display name is also a folder name"):
-        parse_config(EvalConfig, ["--models", "m", "--names", name, "--out", str(tmp_path / "e")])
+        parse_config(EvalConfig, ["--models", "m", "--names", name, "--out", str(tmp_path / "e")]).check()
     assert not (tmp_path / "e").exists()
 
 
@@ -221,8 +221,7 @@ def test_killing_the_launcher_takes_its_ranks_down_and_a_live_run_holds_its_fold
     import signal
 
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update(PYTHONPATH=str(ROOT))
+    env = clean_env()
     launcher = subprocess.Popen([sys.executable, "-m", "stages.train", "--nproc", "2",
                                  *map(str, sft_args(prepared_tiny, out, "--max_steps", "100000", "--valid_split", ""))],
                                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -341,8 +340,7 @@ def test_verify_on_an_overwritten_manifest_and_a_full_disk_are_messages(prepared
     (store / "manifest.json").write_text('{"kind": "something else"}')
     proc = stage("cache", "--verify", "--out", store)
     assert proc.returncode == 2 and "not a feature-store manifest" in proc.stderr and "Traceback" not in proc.stderr
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env.update(PYTHONPATH=str(ROOT))
+    env = clean_env()
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # noqa: E731  (files > 20 kB fail)
     proc = subprocess.run([sys.executable, "-m", "stages.prepare", "--data", "builtin", "--out", str(tmp_path / "p"),
                            "--tokenizer", "builtin-tiny"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -483,6 +481,7 @@ def test_quick_changes_the_studys_defaults_and_keeps_what_the_user_gave():
 
     cfg = StudyConfig(quick=True, methods=["kd", "kd_fg"], seeds=[4, 5], grid=["layer_map=1:1+2:3"],
                       reference="kd__layer_map1-1_2-3")
+    cfg.check()
     points, layers = plan(cfg)
     assert [n for n, _ in points] == ["kd__layer_map1-1_2-3", "kd_fg__layer_map1-1_2-3"] and cfg.seeds == [4, 5]
     assert cfg.student_steps == QUICK["student_steps"] and cfg.sampling_seeds == QUICK["sampling_seeds"]
@@ -583,3 +582,20 @@ def test_eval_reads_self_instruct_sets_and_fastchat_answers_old_and_partial(tiny
     assert [r["references"] for r in rows] == [["a!"], ["c!"]]
     scores = json.loads((tmp_path / "e" / "scores.json").read_text())
     assert "question_id 2" in json.dumps(scores)
+
+
+def test_cache_refuses_a_teacher_with_another_tokenizer_before_loading_it(prepared_tiny, tiny_pair, tmp_path):
+    """cache: a teacher whose tokenizer is not the prepared data's is one line naming both and what differs
+    (pipeline/data/tokenizer.check_same_tokenizer, as for teacher and student), checked before its weights load."""
+    import shutil
+
+    from pipeline.data.tokenizer import load_tokenizer
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    shutil.copy(tiny_pair.teacher / "config.json", teacher / "config.json")  # no weights: a load would fail
+    load_tokenizer("builtin-gpt2").save_pretrained(teacher)
+    proc = refusal("cache", "--data", prepared_tiny, "--teacher", teacher, "--out", tmp_path / "store", "--layers", "1")
+    assert proc.returncode == 2, proc.stderr
+    assert "teacher and prepared data tokenizers differ: vocabulary sizes differ" in proc.stderr
+    assert str(teacher) in proc.stderr and not (tmp_path / "store").exists()

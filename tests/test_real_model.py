@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import stage_in_process, stage_process
+from helpers import ROOT, stage_in_process, stage_process
 from pipeline.errors import ConfigError
-from pipeline.model_sources import KNOWN_MODELS, PROVENANCE, get_model
+from pipeline.models.sources import KNOWN_MODELS, PROVENANCE, get_model
 from pipeline.io import sha256_file
 
-ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache/models"
 NAME = "smollm2-135m-instruct"
 
@@ -87,7 +86,7 @@ def test_a_student_of_the_teacher_s_first_layers_computes_the_teacher_s_hidden_s
     from transformers import AutoModelForCausalLM
 
     from pipeline.models import capture_hidden_states
-    from pipeline.student_init import make_student
+    from pipeline.models.student_init import make_student
 
     info = make_student(smollm2, "0,1,2", tmp_path / "s3")
     assert info["kept_layers"] == [0, 1, 2] and info["hidden_state_of_teacher"] == {"1": 1, "2": 2, "3": 3}
@@ -125,7 +124,7 @@ def real_run(smollm2, shared_data, tmp_path_factory) -> dict[str, Path]:
     low = root / "low"
     stage("cache", "--data", str(data), "--split", "valid", "--teacher", str(smollm2), "--out", str(low),
           "--layers", "20", "--lowrank_energy", "0.99", "--dtype", "fp32", "--progress", "false")
-    from pipeline.student_init import make_student
+    from pipeline.models.student_init import make_student
 
     make_student(smollm2, "0,29", root / "student")
     return {"root": root, "data": data, "feat": feat, "low": low, "student": root / "student"}

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats as sps
 
 from helpers import stage_process
-from pipeline.stats import compare, holm, mean_ci, paired_bootstrap, paired_t, wilcoxon
+from pipeline.experiments.stats import compare, holm, mean_ci, paired_bootstrap, paired_t, wilcoxon
 
 
 def test_mean_ci_is_the_t_interval():

@@ -17,7 +17,8 @@ def test_orthogonal_pairs_counts_only_near_orthogonal_pairs():
 
 def test_small_run_writes_outputs_and_geometry_losses_recover_orthogonality(tmp_path):
     out = tmp_path / "syn"
-    table = synthetic.run(parse_config(synthetic.SyntheticConfig, ["--n", "48", "--d_teacher", "24", "--d_student", "8", "--directions", "6",
+    table = synthetic.run(parse_config(synthetic.SyntheticConfig, [
+                            "--n", "48", "--d_teacher", "24", "--d_student", "8", "--directions", "6",
                             "--steps", "150", "--log_every", "50", "--out", str(out)]))
     for name in ("curves.png", "trajectory.csv", "results.md", "config.yaml"):
         assert (out / name).stat().st_size > 0

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import clean_env
+from helpers import ROOT, clean_env
 from pipeline.runtime import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 
 DRIVER = textwrap.dedent("""

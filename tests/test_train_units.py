@@ -2,8 +2,6 @@
 objective (KD from exact and top-k logits, feature losses under activation checkpointing), option checks."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,21 +10,32 @@ from pipeline.errors import ConfigError
 from pipeline.train.ds_config import EngineSettings, load_ds_config, precision_of, resolve_ds_config, zero_stage
 from pipeline.geometry import logit_kd
 from pipeline.train.objective import Objective, StudentWithHeads, topk_kd
-from pipeline.train.config import TrainConfig, check_config, parse_layer_map
+from pipeline.train.config import TrainConfig, parse_layer_map
 from pipeline.train.data import StepBatchSampler, eval_batches
 from pipeline.train.targets import TeacherTargets
-from pipeline.teacher import LMHead
+from pipeline.models.teacher import LMHead
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = EngineSettings(micro_batch_size=2, grad_accum=3, world_size=4, grad_clip=1.0, lr=3e-4, betas=(0.9, 0.95),
                           eps=1e-8, weight_decay=0.01, precision="auto", hidden_size=64)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
 def test_every_shipped_ds_config_resolves_without_auto_left(path):
-    cfg = resolve_ds_config(load_ds_config(path), SETTINGS, origin=str(path))
-    text = json.dumps(cfg)
-    assert '"auto"' not in text
+    raw = load_ds_config(path)
+    cfg = resolve_ds_config(raw, SETTINGS, origin=str(path))
+
+    def auto_paths(node: object, prefix: tuple = ()) -> list[tuple]:
+        if isinstance(node, dict):
+            return [p for k, v in node.items() for p in auto_paths(v, prefix + (k,))]
+        return [prefix] if node == "auto" else []
+
+    for keys in auto_paths(raw):  # every "auto" became a value where its block was kept (resolve refuses a
+        block = cfg                # leftover "auto"; a precision block that was not chosen is dropped whole)
+        for k in keys[:-1]:
+            block = block.get(k) if isinstance(block, dict) else None
+        if block is not None:
+            assert block.get(keys[-1]) is not None, (path.name, keys)
     assert cfg["train_batch_size"] == 2 * 3 * 4
     assert cfg["gradient_accumulation_steps"] == 3 and cfg["train_micro_batch_size_per_gpu"] == 2
     assert cfg["optimizer"]["params"]["lr"] == 3e-4 and cfg["optimizer"]["params"]["betas"] == [0.9, 0.95]
@@ -213,8 +222,8 @@ def test_total_loss_is_the_documented_mix():
     model = StudentWithHeads(_tiny_student(), Objective("distill", a, b, "fg", ((1, 2), (2, 4)), (0.25, 0.75),
                                                         "final"))
     t = {k: float(v.detach()) for k, v in model(ids, mask, labels, teacher).items()}
-    assert t["loss"] == pytest.approx((1 - a) * t["ce"] + a * t["kd"] + b * (0.25 * t["fg/s1_t2"] + 0.75 * t["fg/s2_t4"]),
-                                      rel=1e-6)
+    features = 0.25 * t["fg/s1_t2"] + 0.75 * t["fg/s2_t4"]
+    assert t["loss"] == pytest.approx((1 - a) * t["ce"] + a * t["kd"] + b * features, rel=1e-6)
     sft = StudentWithHeads(model.student, Objective("sft", 0, 0, "none", (), (), "none"))
     out = sft(ids, mask, labels)
     assert set(out) == {"loss", "ce"} and float(out["loss"].detach()) == pytest.approx(t["ce"], rel=1e-6)
@@ -223,18 +232,18 @@ def test_total_loss_is_the_documented_mix():
 def test_options_are_checked_with_the_option_named(tmp_path):
     base = dict(data="d", student="preset:tiny-student", out=str(tmp_path / "o"))
     with pytest.raises(ConfigError, match="--data is required"):
-        check_config(TrainConfig(student="s", out="o"))
+        TrainConfig(student="s", out="o").check()
     with pytest.raises(ConfigError, match="--loss 'mse'"):
-        check_config(TrainConfig(**base, mode="distill", features="f", loss="mse"))
+        TrainConfig(**base, mode="distill", features="f", loss="mse").check()
     with pytest.raises(ConfigError, match="needs --features .* or --teacher"):
-        check_config(TrainConfig(**base, mode="distill"))
+        TrainConfig(**base, mode="distill").check()
     with pytest.raises(ConfigError, match="--layer_weights has 3 values for 2 layer pairs"):
-        check_config(TrainConfig(**base, mode="distill", features="f", layer_map=["1:2", "2:4"],
-                                 layer_weights=[1.0, 1.0, 1.0]))
+        TrainConfig(**base, mode="distill", features="f", layer_map=["1:2", "2:4"],
+                                 layer_weights=[1.0, 1.0, 1.0]).check()
     with pytest.raises(ConfigError, match="--layer_map 'x:2'"):
         parse_layer_map(["x:2"])
     assert parse_layer_map(["1:2", "2,4"]) == [(1, 2), (2, 4)]
-    check_config(TrainConfig(**base, mode="distill", teacher="t"))
+    TrainConfig(**base, mode="distill", teacher="t").check()
 
 
 def test_a_previous_run_is_never_overwritten(tmp_path):
@@ -259,7 +268,7 @@ def test_activation_checkpointing_auto_turns_on_only_when_activations_do_not_fit
 
     tok = load_tokenizer("builtin-tiny")
     cfg = TrainConfig(data="d", student="preset:opt-125m", out="o", micro_batch_size=8)
-    check_config(cfg)
+    cfg.check()
     n = count_parameters(cfg.student, tok)
     assert 80e6 < n < 130e6  # OPT-125M's shape with a small vocabulary
     choose = lambda device_bytes, c=cfg: activation_checkpointing_choice(  # noqa: E731
@@ -270,10 +279,10 @@ def test_activation_checkpointing_auto_turns_on_only_when_activations_do_not_fit
     on_small, why = choose(4 * 2**30)  # 8 x 512 tokens of 12 layers: ~4 GiB of activations
     assert on_small is True and "exceed" in why
     forced = TrainConfig(data="d", student="preset:opt-125m", out="o", activation_checkpointing="on")
-    check_config(forced)
+    forced.check()
     assert forced.activation_checkpointing == "true" and choose(None, forced)[0] is True
     with pytest.raises(ConfigError, match="--activation_checkpointing 'maybe'"):
-        check_config(TrainConfig(data="d", student="s", out="o", activation_checkpointing="maybe"))
+        TrainConfig(data="d", student="s", out="o", activation_checkpointing="maybe").check()
 
 
 @pytest.mark.parametrize("source", ["final", "topk"])

@@ -37,23 +37,22 @@ class PrepareConfig:
     verify: bool = field(default=False, metadata={
         "help": "only verify --out: every shard and records file against the sha256 in its manifest"})
 
-
-def check_config(config: PrepareConfig) -> None:
-    """Checked before the output folder is touched, so a typo never leaves a half-made folder behind."""
-    if not config.out:
-        raise ConfigError("--out is required")
-    if config.verify:
-        return
-    if not config.data:
-        raise ConfigError("--data is required (JSONL/JSON files, 'builtin', or a hub dataset name)")
-    if config.shard_size < 1 or config.limit < 0:
-        raise ConfigError("shard_size must be >= 1 and limit >= 0")
-    if not config.split or "/" in config.split or config.split.startswith("."):
-        raise ConfigError(f"split {config.split!r}: give a plain folder name")
-    if config.valid_fraction and config.valid_size:
-        raise ConfigError("give --valid_fraction or --valid_size, not both")
-    if not 0.0 <= config.valid_fraction < 1.0 or config.valid_size < 0:
-        raise ConfigError("--valid_fraction must be in [0, 1) and --valid_size >= 0")
-    check_template(config.template)
-    if not 0 < config.max_prompt_len < config.max_len:
-        raise ConfigError(f"need 0 < --max_prompt_len ({config.max_prompt_len}) < --max_len ({config.max_len})")
+    def check(self) -> None:
+        """Checked before the output folder is touched, so a typo never leaves a half-made folder behind."""
+        if not self.out:
+            raise ConfigError("--out is required")
+        if self.verify:
+            return
+        if not self.data:
+            raise ConfigError("--data is required (JSONL/JSON files, 'builtin', or a hub dataset name)")
+        if self.shard_size < 1 or self.limit < 0:
+            raise ConfigError("shard_size must be >= 1 and limit >= 0")
+        if not self.split or "/" in self.split or self.split.startswith("."):
+            raise ConfigError(f"split {self.split!r}: give a plain folder name")
+        if self.valid_fraction and self.valid_size:
+            raise ConfigError("give --valid_fraction or --valid_size, not both")
+        if not 0.0 <= self.valid_fraction < 1.0 or self.valid_size < 0:
+            raise ConfigError("--valid_fraction must be in [0, 1) and --valid_size >= 0")
+        check_template(self.template)
+        if not 0 < self.max_prompt_len < self.max_len:
+            raise ConfigError(f"need 0 < --max_prompt_len ({self.max_prompt_len}) < --max_len ({self.max_len})")

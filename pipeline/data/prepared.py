@@ -38,7 +38,7 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class Sample:
+class TokenizedExample:
     sample_id: int
     input_ids: list[int]
     prompt_len: int
@@ -48,7 +48,7 @@ class Sample:
 
 def tokenize_examples(examples: Sequence[Example], tok: PreTrainedTokenizerBase, max_prompt_len: int = 256,
                       max_len: int = 512, prompt_overflow: str = "truncate", template: str = "alpaca"
-                      ) -> tuple[list[Sample], dict]:
+                      ) -> tuple[list[TokenizedExample], dict]:
     """Token samples (sample_id = position in `examples`) and a report of what was truncated or dropped.
 
     `template` chat renders each instruction with the tokenizer's chat template; its special tokens are parsed
@@ -90,12 +90,12 @@ def tokenize_examples(examples: Sequence[Example], tok: PreTrainedTokenizerBase,
         if prompt_len + len(response) > max_len:
             response = r[: max_len - prompt_len]
             truncated["response"] += 1
-        samples.append(Sample(sid, ids + response, prompt_len, prompt_text, list(ex.references)))
+        samples.append(TokenizedExample(sid, ids + response, prompt_len, prompt_text, list(ex.references)))
     return samples, {"examples": len(examples), "kept": len(samples), "dropped": dropped, "truncated": truncated}
 
 
-def split_samples(samples: list[Sample], valid_fraction: float = 0.0, valid_size: int = 0,
-                  seed: int = 42, main: str = "train") -> dict[str, list[Sample]]:
+def split_samples(samples: list[TokenizedExample], valid_fraction: float = 0.0, valid_size: int = 0,
+                  seed: int = 42, main: str = "train") -> dict[str, list[TokenizedExample]]:
     """{main: ..., 'valid': ...} with a seeded random validation set; order within a split is kept."""
     if valid_fraction and valid_size:
         raise ConfigError("give valid_fraction or valid_size, not both")
@@ -125,16 +125,16 @@ def split_samples(samples: list[Sample], valid_fraction: float = 0.0, valid_size
             "valid": [s for i, s in enumerate(samples) if i in chosen]}
 
 
-def content_key(sample: Sample) -> tuple:
+def content_key(sample: TokenizedExample) -> tuple:
     return (sample.prompt, tuple(sample.references))
 
 
-def count_duplicates(samples: Sequence[Sample]) -> int:
+def count_duplicates(samples: Sequence[TokenizedExample]) -> int:
     """Samples that repeat an earlier one's prompt and references."""
     return len(samples) - len({content_key(s) for s in samples})
 
 
-def length_stats(samples: Sequence[Sample]) -> dict[str, dict[str, float]]:
+def length_stats(samples: Sequence[TokenizedExample]) -> dict[str, dict[str, float]]:
     out = {}
     parts = {"prompt": [s.prompt_len for s in samples],
              "response": [len(s.input_ids) - s.prompt_len for s in samples],
@@ -146,7 +146,7 @@ def length_stats(samples: Sequence[Sample]) -> dict[str, dict[str, float]]:
     return out
 
 
-def write_split(out: Path, name: str, samples: Sequence[Sample], shard_size: int) -> dict[str, Any]:
+def write_split(out: Path, name: str, samples: Sequence[TokenizedExample], shard_size: int) -> dict[str, Any]:
     """Write one split's shards and records; return its manifest entry (with per-file sha256)."""
     from safetensors.numpy import save_file
 

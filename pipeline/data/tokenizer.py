@@ -139,7 +139,8 @@ def _load_dir(path: Path | str) -> PreTrainedTokenizerBase:
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
-    """A tokenizer from a local directory, a hub name (online machines) or a built-in spec; always has `pad_token` and `eos_token`."""
+    """A tokenizer from a local directory, a hub name (online machines) or a built-in spec; always has `pad_token`
+    and `eos_token`."""
     if spec == "builtin-gpt2":
         return builtin_gpt2()
     if spec == "builtin-tiny":
@@ -179,20 +180,22 @@ def tokenizer_fingerprint(tok: PreTrainedTokenizerBase) -> str:
     return sha256_json(_describe(tok))
 
 
-def check_same_tokenizer(teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase) -> None:
-    """Raise ConfigError when teacher and student would read the same text as different ids."""
-    if tokenizer_fingerprint(teacher_tok) == tokenizer_fingerprint(student_tok):
+def check_same_tokenizer(first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase,
+                         names: tuple[str, str] = ("teacher", "student"), where: str = "") -> None:
+    """Raise ConfigError when two tokenizers (a teacher's and a student's, or a teacher's and the prepared data's)
+    would read the same text as different ids; `where` starts the message (the paths involved)."""
+    if tokenizer_fingerprint(first) == tokenizer_fingerprint(second):
         return
-    t, s = _describe(teacher_tok), _describe(student_tok)
+    a, b = _describe(first), _describe(second)
     details = []
-    if t["size"] != s["size"]:
-        details.append(f"vocabulary sizes differ (teacher {t['size']}, student {s['size']})")
-    for name in t["special"]:
-        if t["special"][name] != s["special"][name]:
-            details.append(f"{name} differs (teacher {t['special'][name]}, student {s['special'][name]})")
+    if a["size"] != b["size"]:
+        details.append(f"vocabulary sizes differ ({names[0]} {a['size']}, {names[1]} {b['size']})")
+    for name in a["special"]:
+        if a["special"][name] != b["special"][name]:
+            details.append(f"{name} differs ({names[0]} {a['special'][name]}, {names[1]} {b['special'][name]})")
     if not details:
         details.append("their vocabularies or tokenization rules differ")
     raise ConfigError(
-        "teacher and student tokenizers differ: " + "; ".join(details)
+        f"{where}{names[0]} and {names[1]} tokenizers differ: " + "; ".join(details)
         + ". Distillation compares them token by token, so both must use the same tokenizer."
     )

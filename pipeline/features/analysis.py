@@ -1,7 +1,7 @@
 """A teacher's feature geometry on a prepared split, layer by layer: what to map and how wide a student must be.
 
 Everything is measured on micro-batches of whole samples, as the training loss sees them, with and without the
-default token rule (pipeline/geometry.py): the token-norm profile and the massive-activation tokens and channels
+default token rule (pipeline/geometry/): the token-norm profile and the massive-activation tokens and channels
 the rule leaves out, the spectrum (top direction's share of the centred energy; k for 90/99/99.9% energy) and
 the Procrustes floor a student of each width cannot go below.
 """

@@ -23,7 +23,7 @@ from pipeline.features.lowrank import LowRank, fit_lowrank
 from pipeline.features.plan import length_batches
 from pipeline.io import read_json, sha256_file, write_json_atomic
 from pipeline.models import capture_hidden_states
-from pipeline.teacher import lm_head_of
+from pipeline.models.teacher import lm_head_of
 
 
 @torch.no_grad()

@@ -31,27 +31,26 @@ class CacheConfig:
     finalize: bool = field(default=False, metadata={"help": "only write the manifest of --out"})
     progress: bool = field(default=True, metadata={"help": "progress bar on rank 0"})
 
-
-def check_config(cfg: CacheConfig) -> None:
-    if not cfg.out:
-        raise ConfigError("--out is required")
-    if cfg.verify or cfg.finalize:
-        return
-    for name in ("data", "teacher"):
-        if not getattr(cfg, name):
-            raise ConfigError(f"--{name} is required")
-    # Manifests keep one spelling per dtype, whichever the user typed.
-    cfg.dtype = dtype_name(cfg.dtype, "dtype")
-    cfg.teacher_dtype = dtype_name(cfg.teacher_dtype, "teacher_dtype", allow_auto=True)
-    if cfg.topk_logits < 0:
-        raise ConfigError(f"--topk_logits must be >= 0 (0: none), got {cfg.topk_logits}")
-    if not cfg.layers and not cfg.final and not cfg.topk_logits:
-        raise ConfigError("nothing to cache: give --layers, --final and/or --topk_logits")
-    if len(set(cfg.layers)) != len(cfg.layers) or any(x < 0 for x in cfg.layers):
-        raise ConfigError(f"--layers {cfg.layers}: distinct hidden-state indices >= 0 expected")
-    if cfg.lowrank_k and cfg.lowrank_energy:
-        raise ConfigError("give --lowrank_k or --lowrank_energy, not both")
-    if not 0.0 <= cfg.lowrank_energy <= 1.0 or cfg.lowrank_k < 0:
-        raise ConfigError("--lowrank_energy must be in (0, 1] and --lowrank_k >= 0")
-    if (cfg.lowrank_k or cfg.lowrank_energy) and not cfg.layers:
-        raise ConfigError("low-rank storage applies to --layers (the final state stays full for exact logits)")
+    def check(self) -> None:
+        if not self.out:
+            raise ConfigError("--out is required")
+        if self.verify or self.finalize:
+            return
+        for name in ("data", "teacher"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required")
+        # Manifests keep one spelling per dtype, whichever the user typed.
+        self.dtype = dtype_name(self.dtype, "dtype")
+        self.teacher_dtype = dtype_name(self.teacher_dtype, "teacher_dtype", allow_auto=True)
+        if self.topk_logits < 0:
+            raise ConfigError(f"--topk_logits must be >= 0 (0: none), got {self.topk_logits}")
+        if not self.layers and not self.final and not self.topk_logits:
+            raise ConfigError("nothing to cache: give --layers, --final and/or --topk_logits")
+        if len(set(self.layers)) != len(self.layers) or any(x < 0 for x in self.layers):
+            raise ConfigError(f"--layers {self.layers}: distinct hidden-state indices >= 0 expected")
+        if self.lowrank_k and self.lowrank_energy:
+            raise ConfigError("give --lowrank_k or --lowrank_energy, not both")
+        if not 0.0 <= self.lowrank_energy <= 1.0 or self.lowrank_k < 0:
+            raise ConfigError("--lowrank_energy must be in (0, 1] and --lowrank_k >= 0")
+        if (self.lowrank_k or self.lowrank_energy) and not self.layers:
+            raise ConfigError("low-rank storage applies to --layers (the final state stays full for exact logits)")

@@ -35,7 +35,7 @@ from torch import Tensor
 from pipeline.errors import StoreError
 from pipeline.io import atomic_path, sha256_file
 from pipeline.models import FINAL
-from pipeline.teacher import LMHead
+from pipeline.models.teacher import LMHead
 from pipeline.runtime import DTYPES  # noqa: F401  (the store's dtype names are the pipeline's)
 
 KIND = "geokd.features"

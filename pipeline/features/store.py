@@ -18,7 +18,7 @@ from pipeline.features.format import (
     read_lm_head, read_lowrank, read_shard_index, verify_files,
 )
 from pipeline.io import read_json
-from pipeline.teacher import LMHead
+from pipeline.models.teacher import LMHead
 
 class FeatureStore:
     """Random access to a finished feature store by sample id, through mmap (safetensors `safe_open`).

@@ -96,6 +96,60 @@ class TrainConfig:
         """Samples per optimizer step over all ranks."""
         return self.micro_batch_size * self.grad_accum * world_size
 
+    def check(self) -> None:
+        """Reject unusable option combinations up front, naming the option."""
+        for name in ("data", "student", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required")
+        choices = (("mode", MODES), ("loss", LOSS_CHOICES), ("kd", KD_SOURCES), ("nonfinite", ("stop", "skip")),
+                   ("teacher_mode", TEACHER_MODES), ("precision", PRECISIONS))
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        ac = str(self.activation_checkpointing).lower()  # a YAML `true` arrives as a bool
+        self.activation_checkpointing = {"on": "true", "off": "false"}.get(ac, ac)
+        if self.activation_checkpointing not in ("auto", "true", "false"):
+            raise ConfigError(f"--activation_checkpointing {ac!r}: choose auto, true or false")
+        for name in ("micro_batch_size", "grad_accum", "epochs", "nproc", "log_every", "prefetch_factor"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "stop_after", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples",
+                     "num_workers", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"--alpha {self.alpha}: must be in [0, 1]")
+        if self.beta < 0:
+            raise ConfigError(f"--beta {self.beta}: must be >= 0")
+        TokenRule.parse(self.token_rule)  # a typo is a ConfigError naming the choices
+        if self.kd_temperature <= 0:
+            raise ConfigError(f"--kd_temperature {self.kd_temperature}: must be > 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError("--min_lr_ratio must be in [0, 1] and --warmup_ratio in [0, 1)")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr {self.lr}: must be > 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"--{name} {getattr(self, name)}: must be in [0, 1)")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"--adam_eps {self.adam_eps}: must be > 0")
+        if self.warmup_steps < -1:
+            raise ConfigError(f"--warmup_steps {self.warmup_steps}: give steps >= 0, or -1 for --warmup_ratio")
+        pairs = parse_layer_map(self.layer_map)
+        if self.layer_weights and len(self.layer_weights) != len(pairs or [None] * self.n_layer_pairs):
+            raise ConfigError(f"--layer_weights has {len(self.layer_weights)} values for "
+                              f"{len(pairs or [None] * self.n_layer_pairs)} layer pairs")
+        if self.mode == "sft":
+            return
+        if self.teacher_mode == "stored" and not self.features:
+            raise ConfigError("--teacher_mode stored needs --features (a store from ./run.sh cache)")
+        if self.teacher_mode == "online" and not self.teacher:
+            raise ConfigError("--teacher_mode online needs --teacher")
+        if self.teacher_mode == "auto" and not (self.features or self.teacher):
+            raise ConfigError("--mode distill needs --features (stored teacher features) or --teacher (online teacher)")
+        if self.alpha == 0 and (self.beta == 0 or self.loss == "none"):
+            raise ConfigError("--mode distill with --alpha 0 and no feature loss is SFT; use --mode sft")
+
 
 def parse_layer_map(items: list[str]) -> list[tuple[int, int]] | None:
     """`["1:2", "2:4"]` -> [(1, 2), (2, 4)]; an empty list means the default map."""
@@ -107,64 +161,10 @@ def parse_layer_map(items: list[str]) -> list[tuple[int, int]] | None:
         try:
             s, t = (int(p) for p in parts)
         except ValueError:
-            raise ConfigError(f"--layer_map {item!r}: expected STUDENT:TEACHER hidden-state indices, e.g. 2:4") from None
+            raise ConfigError(f"--layer_map {item!r}: expected STUDENT:TEACHER hidden-state indices, "
+                              f"e.g. 2:4") from None
         pairs.append((s, t))
     return pairs
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Reject unusable option combinations up front, naming the option."""
-    for name in ("data", "student", "out"):
-        if not getattr(cfg, name):
-            raise ConfigError(f"--{name} is required")
-    choices = (("mode", MODES), ("loss", LOSS_CHOICES), ("kd", KD_SOURCES), ("nonfinite", ("stop", "skip")),
-               ("teacher_mode", TEACHER_MODES), ("precision", PRECISIONS))
-    for name, allowed in choices:
-        if getattr(cfg, name) not in allowed:
-            raise ConfigError(f"--{name} {getattr(cfg, name)!r}: choose one of {', '.join(allowed)}")
-    ac = str(cfg.activation_checkpointing).lower()  # a YAML `true` arrives as a bool
-    cfg.activation_checkpointing = {"on": "true", "off": "false"}.get(ac, ac)
-    if cfg.activation_checkpointing not in ("auto", "true", "false"):
-        raise ConfigError(f"--activation_checkpointing {ac!r}: choose auto, true or false")
-    for name in ("micro_batch_size", "grad_accum", "epochs", "nproc", "log_every", "prefetch_factor"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("max_steps", "stop_after", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_samples",
-                 "num_workers", "grad_clip", "weight_decay"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise ConfigError(f"--alpha {cfg.alpha}: must be in [0, 1]")
-    if cfg.beta < 0:
-        raise ConfigError(f"--beta {cfg.beta}: must be >= 0")
-    TokenRule.parse(cfg.token_rule)  # a typo is a ConfigError naming the choices
-    if cfg.kd_temperature <= 0:
-        raise ConfigError(f"--kd_temperature {cfg.kd_temperature}: must be > 0")
-    if not 0.0 <= cfg.min_lr_ratio <= 1.0 or not 0.0 <= cfg.warmup_ratio < 1.0:
-        raise ConfigError("--min_lr_ratio must be in [0, 1] and --warmup_ratio in [0, 1)")
-    if cfg.lr <= 0:
-        raise ConfigError(f"--lr {cfg.lr}: must be > 0")
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise ConfigError(f"--{name} {getattr(cfg, name)}: must be in [0, 1)")
-    if cfg.adam_eps <= 0:
-        raise ConfigError(f"--adam_eps {cfg.adam_eps}: must be > 0")
-    if cfg.warmup_steps < -1:
-        raise ConfigError(f"--warmup_steps {cfg.warmup_steps}: give steps >= 0, or -1 for --warmup_ratio")
-    pairs = parse_layer_map(cfg.layer_map)
-    if cfg.layer_weights and len(cfg.layer_weights) != len(pairs or [None] * cfg.n_layer_pairs):
-        raise ConfigError(f"--layer_weights has {len(cfg.layer_weights)} values for "
-                          f"{len(pairs or [None] * cfg.n_layer_pairs)} layer pairs")
-    if cfg.mode == "sft":
-        return
-    if cfg.teacher_mode == "stored" and not cfg.features:
-        raise ConfigError("--teacher_mode stored needs --features (a store from ./run.sh cache)")
-    if cfg.teacher_mode == "online" and not cfg.teacher:
-        raise ConfigError("--teacher_mode online needs --teacher")
-    if cfg.teacher_mode == "auto" and not (cfg.features or cfg.teacher):
-        raise ConfigError("--mode distill needs --features (stored teacher features) or --teacher (online teacher)")
-    if cfg.alpha == 0 and (cfg.beta == 0 or cfg.loss == "none"):
-        raise ConfigError("--mode distill with --alpha 0 and no feature loss is SFT; use --mode sft")
 
 
 def teacher_mode(cfg: TrainConfig) -> str:
@@ -182,4 +182,4 @@ def check_train_steps(runs: list[list[str]]) -> None:
     from pipeline.config import parse_config
 
     for args in runs:
-        check_config(parse_config(TrainConfig, args[1:]))
+        parse_config(TrainConfig, args[1:]).check()

@@ -4,8 +4,9 @@ The shipped JSONs say what differs between setups (ZeRO stage, offload, precisio
 training config owns as "auto": batch sizes, clipping, optimizer hyper-parameters, precision when not pinned,
 bucket sizes that scale with the model width. `ds_configs/auto.json` (the default) also leaves the ZeRO stage to
 the run: 0 on one rank (ZeRO saves memory only by partitioning across ranks, and its bookkeeping cost a third of
-a single-process step: BENCHMARKS.md), 2 on several, 3 when ZeRO-2's share of the model states does not fit. A user's own JSON may set those explicitly; an explicit value
-that contradicts the training config is an error naming the file and the key, never a silent winner.
+a single-process step: BENCHMARKS.md), 2 on several, 3 when ZeRO-2's share of the model states does not fit. A
+user's own JSON may set those explicitly; an explicit value that contradicts the training config is an error
+naming the file and the key, never a silent winner.
 The learning-rate schedule is the training config's (warmup + cosine, built in pipeline/train/setup.py); a JSON
 "scheduler" block is refused rather than half-honoured.
 """
@@ -235,6 +236,3 @@ def precision_of(cfg: dict[str, Any]) -> str:
         return "fp16"
     return "fp32"
 
-
-def torch_dtype(precision: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

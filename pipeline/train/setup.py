@@ -27,9 +27,9 @@ from pipeline.errors import ConfigError
 from pipeline.features.store import FeatureStore
 from pipeline.io import check_folder_is_ours, hold_folder_lock
 from pipeline.models import FINAL, load_model, model_fingerprint, model_shape
-from pipeline.teacher import LMHead, load_frozen_teacher
+from pipeline.models.teacher import LMHead, load_frozen_teacher
 from pipeline.runtime import DistInfo, dist_info, ensure_dist_env, pick_device, seed_everything, torch_dtype
-from pipeline.train.config import TrainConfig, check_config, teacher_mode
+from pipeline.train.config import TrainConfig, teacher_mode
 from pipeline.train.data import make_collate, make_dataset
 from pipeline.train.memory import activation_bytes, count_parameters, model_config
 from pipeline.train.ds_config import EngineSettings, load_ds_config, precision_of, resolve_ds_config, zero_stage
@@ -106,7 +106,7 @@ class Plan:
 
 def plan_run(cfg: TrainConfig) -> Plan:
     """Check everything that can be checked cheaply, so a bad option fails in seconds with its name."""
-    check_config(cfg)
+    cfg.check()
     dist = dist_info()
     check_output_folder(Path(cfg.out), cfg.resume)
     cfg, elastic = plan_elastic(cfg, dist.world_size)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.models import FINAL, capture_hidden_states
-from pipeline.teacher import LMHead, lm_head_of
+from pipeline.models.teacher import LMHead, lm_head_of
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Teacher and student models: loading, named OPT presets, fingerprints, layer maps, and cheap hidden-state
-capture. A frozen teacher's placement and its LM head: pipeline/teacher.py.
+capture. A frozen teacher's placement and its LM head: pipeline/models/teacher.py.
 
 Hidden states are named as in docs/contracts.md: 0 = token embeddings (plus positions, after OPT's project_in),
 i = output of decoder layer i (1-based), "final" = what the LM head reads (after the final layer norm and, in
@@ -51,11 +51,12 @@ def preset_config(name: str, vocab_size: int, *, pad_token_id: int = 1, bos_toke
 
 
 def load_model(spec: str, *, tokenizer: PreTrainedTokenizerBase | None = None, dtype: torch.dtype = torch.float32,
-               seed: int = 0) -> PreTrainedModel:
+               seed: int = 0, device_map: str | None = None) -> PreTrainedModel:
     """A causal LM from a local HF model directory, a hub name (org/name, online machines), or `preset:NAME` with random weights drawn from `seed`.
 
     Presets take their vocabulary size and special token ids from `tokenizer` (required for them). A directory
     loads with local files only; with a tokenizer given, its vocabulary must fit the model's embedding.
+    `device_map` (a directory or hub model only) spreads it over the GPUs (accelerate), for a teacher too big for one.
     """
     if spec.startswith("preset:"):
         name = spec.split(":", 1)[1]
@@ -81,7 +82,8 @@ def load_model(spec: str, *, tokenizer: PreTrainedTokenizerBase | None = None, d
             raise ConfigError(f"model {path}: no weights (*.safetensors or *.bin) beside its config.json")
     local = (path / "config.json").is_file() or hub_offline()
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=local, dtype=dtype)
+        placement = {"device_map": device_map} if device_map else {}
+        model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=local, dtype=dtype, **placement)
     except (OSError, ValueError) as e:
         hint = " (HF_HUB_OFFLINE is set: only the local hub cache is searched)" if hub_offline() else ""
         raise ConfigError(f"cannot load a causal LM from {spec}{hint}: {e}") from e

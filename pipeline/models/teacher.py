@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, OPTForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import OPTForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.errors import ConfigError, StoreError
 from pipeline.models import load_model, preset_config
@@ -68,7 +68,7 @@ def load_frozen_teacher(spec: str, *, tokenizer: PreTrainedTokenizerBase, dtype:
     if placement == "device_map":
         if spec.startswith("preset:"):
             raise StoreError(f"{spec} does not fit one GPU; save it as a model directory to load it sharded")
-        model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, dtype=dtype, device_map="auto")
+        model = load_model(spec, tokenizer=tokenizer, dtype=dtype, device_map="auto")
         input_device = model.get_input_embeddings().weight.device
     else:
         model = load_model(spec, tokenizer=tokenizer, dtype=dtype, seed=seed).to(device)

@@ -21,7 +21,7 @@ energy, so every distance becomes the distance to one spike. A `TokenRule` decid
 such rows out of both sides before normalization; the default leaves out rows above 4x the micro-batch's median
 norm, and leaves spike-free inputs exactly as they are (BENCHMARKS.md: how 4 was chosen).
 
-The nuclear norm of `M = R_s^T R_t` and its gradient (the polar factor of M): pipeline/nuclear.py.
+The nuclear norm of `M = R_s^T R_t` and its gradient (the polar factor of M): pipeline/geometry/nuclear.py.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
-from pipeline.nuclear import MATH_DTYPE, NuclearMethod, nuclear_norm  # noqa: F401 (nuclear_norm: re-exported)
+from pipeline.geometry.nuclear import MATH_DTYPE, NuclearMethod, nuclear_norm  # noqa: F401 (nuclear_norm: re-exported)
 
 _EPS = 1e-12
 
@@ -232,14 +232,6 @@ class ProjectionMSE(nn.Module):
         # W in the math dtype too (its gradient flows back to the stored weight, whatever its dtype).
         diff = nn.functional.linear(rs, self.proj.weight.to(rs.dtype)) - rt
         return _finish((diff * diff).sum(), squared, _result_dtype(student, teacher))
-
-
-def projection_mse(
-    student: Tensor, teacher: Tensor, projection: ProjectionMSE, mask: Tensor | None = None, squared: bool = True,
-    rule: TokenRule = DEFAULT_TOKEN_RULE,
-) -> Tensor:
-    """Functional form of the projection-MSE baseline with a given `ProjectionMSE` module."""
-    return projection(student, teacher, mask, squared, rule)
 
 
 def logit_kd(
