@@ -5,8 +5,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from pipeline.data.prompts import check_template
+from pipeline.data.prompts import TEMPLATES, check_template
 from pipeline.data.sources import parse_field_map
 from pipeline.errors import ConfigError, DataError
 from pipeline.runtime import dtype_name
@@ -56,12 +57,12 @@ class EvalConfig:
     max_new_tokens: int = field(
         default=0, metadata={"help": "new-token budget per sample; 0 = max_length - max_prompt_length (MiniLLM)"}
     )
-    prompt_truncation: str = field(
+    prompt_truncation: Literal["left", "right"] = field(
         default="right",
         metadata={"help": "right (MiniLLM's evaluation, the default): keep the first max_prompt_length tokens; "
                           "left: keep leading special tokens + the last tokens (the response cue survives)"},
     )
-    template: str = field(default="alpaca", metadata={
+    template: Literal[TEMPLATES] = field(default="alpaca", metadata={
         "help": "prompt format: alpaca (MiniLLM's, the published tables') or chat (each model's chat template)"})
     temperature: float = 1.0
     top_k: int = 0

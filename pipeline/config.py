@@ -60,6 +60,11 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None) -> T:
         argv = without_option(argv, "--local_rank")
 
     parser = HfArgumentParser(cls)
+
+    def one_line(message: str) -> None:  # argparse's own refusals (a bad type or choice): one line, not its usage
+        raise ConfigError(f"{message}; see --help")
+
+    parser.error = one_line  # type: ignore[method-assign]
     if config_path is not None:
         values = load_yaml(config_path)
         known = {f.name for f in dataclasses.fields(cls) if f.init}

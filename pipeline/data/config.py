@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.data.prompts import check_template
+from pipeline.data.prompts import TEMPLATES, check_template
 from pipeline.errors import ConfigError
 
 # Config fields that name where things are rather than what is produced: not part of the fingerprint.
@@ -22,7 +22,7 @@ class PrepareConfig:
         "help": "field map OURS=THEIRS for other formats, e.g. output=answer (also --field_map, eval's name)",
         "aliases": ["--field_map"]})
     hub_split: str = field(default="train", metadata={"help": "split to load for a hub dataset name"})
-    template: str = field(default="alpaca", metadata={
+    template: Literal[TEMPLATES] = field(default="alpaca", metadata={
         "help": "prompt format: alpaca (MiniLLM's, the published tables') or chat (the tokenizer's chat template)"})
     max_prompt_len: int = field(default=256, metadata={"help": "prompt tokens at most (with the BOS token)"})
     max_len: int = field(default=512, metadata={"help": "prompt + response tokens at most"})

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pipeline.errors import ConfigError
 from pipeline.geometry import FEATURE_LOSSES, TokenRule
-from pipeline.train.ds_config import PRECISIONS
+from pipeline.train.ds_config import PRECISIONS, global_batch
 
 MODES = ("sft", "distill")
 LOSS_CHOICES = (*FEATURE_LOSSES, "none")
 KD_SOURCES = ("auto", "final", "topk", "none")
 TEACHER_MODES = ("auto", "stored", "online")
+NONFINITE = ("stop", "skip")
 
 # Fields that may change between a run and its --resume without changing what is trained (grad_accum: as long
 # as grad_accum x ranks, and so the global batch, stays; pipeline/train/loop.py checks that).
@@ -23,7 +25,7 @@ RESUME_FREE_FIELDS = frozenset({
 
 @dataclass
 class TrainConfig:
-    mode: str = field(default="sft", metadata={"help": "sft (cross-entropy only) or distill"})
+    mode: Literal[MODES] = field(default="sft", metadata={"help": "sft (cross-entropy only) or distill"})
     data: str = field(default="", metadata={"help": "prepared data folder (./run.sh prepare --out)"})
     student: str = field(default="", metadata={"help": "model directory or preset:NAME to train"})
     out: str = field(default="", metadata={"help": "run folder: checkpoints, TensorBoard, consolidated model/"})
@@ -33,9 +35,10 @@ class TrainConfig:
     features: str = field(default="", metadata={"help": "feature store of the train split (./run.sh cache)"})
     valid_features: str = field(default="", metadata={
         "help": "feature store of the validation split, for D_P / D_FG / D_CKA on validation (optional)"})
-    teacher_mode: str = field(default="auto", metadata={
+    teacher_mode: Literal[TEACHER_MODES] = field(default="auto", metadata={
         "help": "stored (stream --features), online (teacher forward each step) or auto (stored if --features)"})
-    loss: str = field(default="procrustes", metadata={"help": f"feature loss: {', '.join(LOSS_CHOICES)}"})
+    loss: Literal[LOSS_CHOICES] = field(default="procrustes", metadata={
+        "help": f"feature loss: {', '.join(LOSS_CHOICES)}"})
     alpha: float = field(default=0.5, metadata={"help": "KD weight a in (1-a) CE + a KD + b sum_l w_l D(l)"})
     beta: float = field(default=1.0, metadata={"help": "feature-loss weight b"})
     layer_map: list[str] = field(default_factory=list, metadata={
@@ -43,7 +46,7 @@ class TrainConfig:
     layer_weights: list[float] = field(default_factory=list, metadata={
         "help": "w_l per pair (default 1/n_pairs each)"})
     n_layer_pairs: int = field(default=2, metadata={"help": "pairs of the default layer map"})
-    kd: str = field(default="auto", metadata={
+    kd: Literal[KD_SOURCES] = field(default="auto", metadata={
         "help": "KD source: final (exact logits from the stored final state), topk, none, auto (final if stored, "
                 "else topk, else none when alpha is 0)"})
     kd_temperature: float = field(default=1.0, metadata={"help": "KD temperature"})
@@ -52,7 +55,7 @@ class TrainConfig:
                 "(massive activations), all, rownorm, outliers:C+rownorm"})
     ds_config: str = field(default="ds_configs/auto.json", metadata={
         "help": "DeepSpeed JSON (ds_configs/); auto.json picks the ZeRO stage for the run (0 on one rank, else 2)"})
-    precision: str = field(default="auto", metadata={
+    precision: Literal[PRECISIONS] = field(default="auto", metadata={
         "help": "fp32, bf16, fp16, or auto (the JSON's choice; else bf16 on a GPU, fp32 on CPU)"})
     micro_batch_size: int = field(default=4, metadata={"help": "samples per rank per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
@@ -82,7 +85,7 @@ class TrainConfig:
         "help": "end this invocation after N optimizer steps, with a checkpoint (for job time limits); "
                 "--resume continues; the schedule still spans the whole run"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out"})
-    nonfinite: str = field(default="stop", metadata={
+    nonfinite: Literal[NONFINITE] = field(default="stop", metadata={
         "help": "on a NaN/inf loss: stop (exit 2 naming the step; no model is saved) or skip (that micro-batch "
                 "adds no gradient; counted as skipped_nonfinite in the metrics)"})
     num_workers: int = field(default=2, metadata={"help": "DataLoader worker processes per rank"})
@@ -94,14 +97,14 @@ class TrainConfig:
 
     def global_batch(self, world_size: int) -> int:
         """Samples per optimizer step over all ranks."""
-        return self.micro_batch_size * self.grad_accum * world_size
+        return global_batch(self.micro_batch_size, self.grad_accum, world_size)
 
     def check(self) -> None:
         """Reject unusable option combinations up front, naming the option."""
         for name in ("data", "student", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required")
-        choices = (("mode", MODES), ("loss", LOSS_CHOICES), ("kd", KD_SOURCES), ("nonfinite", ("stop", "skip")),
+        choices = (("mode", MODES), ("loss", LOSS_CHOICES), ("kd", KD_SOURCES), ("nonfinite", NONFINITE),
                    ("teacher_mode", TEACHER_MODES), ("precision", PRECISIONS))
         for name, allowed in choices:
             if getattr(self, name) not in allowed:

@@ -45,6 +45,11 @@ class EngineSettings:
     device_bytes: int | None = None  # one accelerator's memory; None on a CPU
 
 
+def global_batch(micro_batch_size: int, grad_accum: int, ranks: int) -> int:
+    """Samples per optimizer step over all ranks: the one formula (DeepSpeed's train_batch_size)."""
+    return micro_batch_size * grad_accum * ranks
+
+
 def auto_zero_stage(s: EngineSettings, offload: bool) -> tuple[int, str]:
     """The ZeRO stage for `"stage": "auto"`, and why. Model states (weights, gradients, fp32 master weights and
     Adam moments) take about 16 bytes a parameter whole; ZeRO-2 keeps 4 of them whole and partitions the rest."""
@@ -150,7 +155,7 @@ def resolve_ds_config(raw: dict[str, Any], settings: EngineSettings, origin: str
         )
     _fill(cfg, "train_micro_batch_size_per_gpu", s.micro_batch_size, origin)
     _fill(cfg, "gradient_accumulation_steps", s.grad_accum, origin)
-    _fill(cfg, "train_batch_size", s.micro_batch_size * s.grad_accum * s.world_size, origin)
+    _fill(cfg, "train_batch_size", global_batch(s.micro_batch_size, s.grad_accum, s.world_size), origin)
     _fill(cfg, "gradient_clipping", s.grad_clip, origin)
     _fill(cfg, "steps_per_print", 10**12, origin, check=False)  # progress is ours (tqdm, TensorBoard)
 

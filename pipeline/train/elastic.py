@@ -26,6 +26,7 @@ from pipeline.errors import ConfigError
 from pipeline.io import write_json_atomic
 from pipeline.train import checkpointing as ckpt
 from pipeline.train.config import TrainConfig
+from pipeline.train.ds_config import global_batch
 
 _DONE = "geokd-universal.json"  # written last into a converted copy
 
@@ -62,21 +63,21 @@ def plan_elastic(cfg: TrainConfig, world_size: int) -> tuple[TrainConfig, Elasti
     if old.get("micro_batch_size") != cfg.micro_batch_size:
         raise ConfigError(f"--resume from {where}: micro_batch_size {cfg.micro_batch_size}, the run was started with "
                           f"{old.get('micro_batch_size')}; keep it (a micro-batch's mean loss depends on it)")
-    global_batch = old["micro_batch_size"] * old["grad_accum"] * n
+    run_batch = global_batch(old["micro_batch_size"], old["grad_accum"], n)
     accum = cfg.grad_accum
-    if cfg.grad_accum * cfg.micro_batch_size * world_size != global_batch:
+    if cfg.global_batch(world_size) != run_batch:
         if cfg.grad_accum != old["grad_accum"]:
             raise ConfigError(
                 f"--resume from {where}: --grad_accum {cfg.grad_accum} on {world_size} rank(s) makes a global batch "
-                f"of {cfg.global_batch(world_size)}; the run's is {global_batch} ({n} ranks x micro-batch "
+                f"of {cfg.global_batch(world_size)}; the run's is {run_batch} ({n} ranks x micro-batch "
                 f"{old['micro_batch_size']} x grad_accum {old['grad_accum']}). Leave --grad_accum as it was and geokd "
-                f"adjusts it, or pass the one that keeps {global_batch}")
-        if global_batch % (cfg.micro_batch_size * world_size):
+                f"adjusts it, or pass the one that keeps {run_batch}")
+        if run_batch % (cfg.micro_batch_size * world_size):
             raise ConfigError(
-                f"--resume from {where}: the run's global batch of {global_batch} samples cannot be split over "
+                f"--resume from {where}: the run's global batch of {run_batch} samples cannot be split over "
                 f"{world_size} rank(s) x micro-batch {cfg.micro_batch_size}; resume on a number of ranks that "
-                f"divides {global_batch // cfg.micro_batch_size}")
-        accum = global_batch // (cfg.micro_batch_size * world_size)
+                f"divides {run_batch // cfg.micro_batch_size}")
+        accum = run_batch // (cfg.micro_batch_size * world_size)
     elastic = ElasticResume(tag=tag, from_ranks=n, to_ranks=world_size, grad_accum=(old["grad_accum"], accum),
                             zero_stage=saved.get("zero_stage"), universal=partitioned(where))
     return replace(cfg, grad_accum=accum), elastic

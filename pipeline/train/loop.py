@@ -20,6 +20,7 @@ from pipeline.io import atomic_path, write_json_atomic
 from pipeline.models import model_fingerprint
 from pipeline.train import checkpointing as ckpt
 from pipeline.train.config import RESUME_FREE_FIELDS
+from pipeline.train.ds_config import global_batch
 from pipeline.train.data import StepBatchSampler, eval_batches, make_loader, to_device
 from pipeline.train.objective import feature_distances
 from pipeline.train.setup import Run
@@ -182,7 +183,7 @@ def write_run_files(run: Run) -> None:
 def _check_resumable(run: Run, client: dict[str, Any], where: Path) -> None:
     ckpt.check_resume_config(client["config"], config_to_dict(run.cfg), RESUME_FREE_FIELDS, where)
     old = client["config"]
-    saved_batch = old["micro_batch_size"] * old["grad_accum"] * client["world_size"]
+    saved_batch = global_batch(old["micro_batch_size"], old["grad_accum"], client["world_size"])
     if saved_batch != run.cfg.global_batch(run.dist.world_size):
         raise ConfigError(f"--resume from {where}: the run's global batch is {saved_batch} samples "
                           f"({client['world_size']} ranks x micro-batch {old['micro_batch_size']} x grad_accum "
@@ -293,8 +294,7 @@ def validate(run: Run) -> dict[str, float]:
     if run.valid_set is None:
         return {}
     cfg, eng, obj = run.cfg, run.engine, run.objective
-    pairs = list(obj.pairs)
-    layers = sorted({t for _, t in pairs})
+    pairs, layers = list(obj.pairs), obj.mapped_layers
     eng.eval()
     sums: dict[str, float] = {}
     count = 0.0

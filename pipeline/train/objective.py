@@ -62,9 +62,14 @@ class Objective:
         return feature_loss(self.loss) if self.uses_features else None
 
     @property
+    def mapped_layers(self) -> list[int]:
+        """Every teacher hidden state the layer map names (the validation report's D_P / D_FG / D_CKA)."""
+        return mapped_teacher_layers(self.pairs)
+
+    @property
     def teacher_layers(self) -> list[int]:
         """Teacher hidden states the training loss reads."""
-        return mapped_teacher_layers(self.pairs) if self.uses_features else []
+        return self.mapped_layers if self.uses_features else []
 
     @property
     def store_layers(self) -> list[Layer]:
@@ -74,7 +79,7 @@ class Objective:
     @property
     def valid_layers(self) -> list[Layer]:
         """What validation reads: every mapped teacher layer (the D_P / D_FG / D_CKA report) and what KD needs."""
-        return mapped_teacher_layers(self.pairs) + ([FINAL] if self.kd == "final" else [])
+        return self.mapped_layers + ([FINAL] if self.kd == "final" else [])
 
     def student_layers(self, with_report: bool = False) -> list[int]:
         """Student hidden states to record: the loss's, or with `with_report` every mapped one (validation)."""

@@ -99,6 +99,8 @@ class Plan:
     objective: Objective
     teacher_dims: dict[int, int]
     ds_config: dict[str, Any]
+    zero_stage: int  # read once from the resolved ds_config
+    dtype: torch.dtype  # the engine's precision as a torch dtype, likewise
     activation_checkpointing: bool
     inputs: dict[str, Any]
     elastic: ElasticResume | None
@@ -173,29 +175,31 @@ def plan_run(cfg: TrainConfig) -> Plan:
     raw = load_ds_config(cfg.ds_config)
     notes = pin_zero_stage(raw, elastic)
     ds_cfg = resolve_ds_config(raw, settings, origin=cfg.ds_config, notes=notes)
+    stage, precision = zero_stage(ds_cfg), precision_of(ds_cfg)
     if elastic is not None:
-        check_stage(elastic, zero_stage(ds_cfg), precision_of(ds_cfg))
+        check_stage(elastic, stage, precision)
         notes.append(f"resuming {elastic.tag} of {elastic.from_ranks} rank(s) on {elastic.to_ranks}: grad_accum "
                      f"{elastic.grad_accum[0]} -> {elastic.grad_accum[1]}, global batch "
                      f"{cfg.global_batch(dist.world_size)} kept"
                      + (" (through DeepSpeed's universal checkpoint)" if elastic.universal else ""))
         if elastic.universal:
             ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
-    checkpointing, why = activation_checkpointing_choice(cfg, tok, n_params, zero_stage(ds_cfg), dist.world_size,
+    checkpointing, why = activation_checkpointing_choice(cfg, tok, n_params, stage, dist.world_size,
                                                          int(train_tokens.lengths.max()), device_bytes,
-                                                         torch_dtype(precision_of(ds_cfg)))
+                                                         torch_dtype(precision))
     if cfg.activation_checkpointing == "auto":
         notes.append(f"activation checkpointing auto -> {'on' if checkpointing else 'off'}: {why}")
     if dist.is_main:
         for note in notes:
             print(f"[train] {note}")
-    global_batch = cfg.global_batch(dist.world_size)
-    if len(train_tokens) < global_batch:
+    batch = cfg.global_batch(dist.world_size)
+    if len(train_tokens) < batch:
         raise ConfigError(f"split {cfg.train_split!r} has {len(train_tokens)} samples, fewer than one global batch "
-                          f"of {global_batch} (micro_batch_size x grad_accum x ranks)")
+                          f"of {batch} (micro_batch_size x grad_accum x ranks)")
     return Plan(cfg=cfg, data=data, tokenizer=tok, train_tokens=train_tokens, valid_tokens=valid_tokens,
                 teacher_mode=tmode, store=store, valid_store=valid_store, objective=objective,
-                teacher_dims=teacher_dims, ds_config=ds_cfg, activation_checkpointing=checkpointing, inputs=inputs,
+                teacher_dims=teacher_dims, ds_config=ds_cfg, zero_stage=stage, dtype=torch_dtype(precision),
+                activation_checkpointing=checkpointing, inputs=inputs,
                 elastic=elastic)
 
 
@@ -256,7 +260,7 @@ def setup(cfg: TrainConfig, plan: Plan | None = None) -> Run:
     if plan.elastic is not None and plan.elastic.universal:
         universal_copy(Path(cfg.out) / "checkpoints", plan.elastic, dist.is_main)
     seed_everything(cfg.seed)
-    stage, dtype = zero_stage(plan.ds_config), torch_dtype(precision_of(plan.ds_config))
+    stage, dtype = plan.zero_stage, plan.dtype
     objective, store = plan.objective, plan.store
 
     teacher = head = None
