@@ -101,3 +101,26 @@ def test_rule_text_round_trips(text):
 def test_a_bad_rule_is_a_config_error_naming_the_choices(text):
     with pytest.raises(ConfigError, match="token rule"):
         TokenRule.parse(text)
+
+
+def test_a_massive_channel_every_token_carries_does_not_hide_a_massive_row():
+    """Gemma 3's case: one channel is ~1e5 in every row, so raw norms are all alike and a first token 10x the
+    others' centred norm looks 1.5x; the rule measures centred norms (what the distances see) and finds it.
+    Moving every row by one vector changes nothing the rule decides."""
+    t = torch.randn(4, 60, 32, generator=gen(4), dtype=torch.float64)
+    t[:, 0] *= 10.0
+    mask = torch.ones(4, 60, dtype=torch.bool)
+    shifted = t.clone()
+    shifted[..., 7] += 50.0 * t.norm(dim=-1).median()
+    raw = shifted.norm(dim=-1)
+    assert float((raw[:, 0] / raw.median()).max()) < 1.5  # a raw-norm rule would keep the first tokens
+    for x in (t, shifted, t + torch.randn(32, generator=gen(5), dtype=torch.float64) * 1e3):
+        keep, dropped = DEFAULT_TOKEN_RULE.select(x, mask)
+        assert dropped == 4 and not keep[:, 0].any() and keep[:, 1:].all()
+
+
+def test_inputs_where_most_rows_are_equal_keep_every_row():
+    same = torch.ones(1, 5, 8)
+    assert DEFAULT_TOKEN_RULE.select(same, None) == (None, 0)
+    one = torch.randn(1, 1, 8, generator=gen(6))
+    assert DEFAULT_TOKEN_RULE.select(one, torch.ones(1, 1, dtype=torch.bool))[1] == 0

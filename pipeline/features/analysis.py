@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from pipeline.features.lowrank import k_for_energy
-from pipeline.geometry import ALL_TOKENS, DEFAULT_TOKEN_RULE, normalize_features
+from pipeline.geometry import ALL_TOKENS, DEFAULT_TOKEN_RULE, centred_norm_ratios, normalize_features
 
 ENERGY_LEVELS = (0.9, 0.99, 0.999)
 RULES = {"rule": DEFAULT_TOKEN_RULE, "all_tokens": ALL_TOKENS}
@@ -44,9 +44,7 @@ class LayerTally:
     def add(self, h: Tensor, mask: Tensor, input_ids: Tensor, decode: Callable[[int], str]) -> None:
         """One micro-batch: h [B, T, d] (float), mask [B, T] bool."""
         h = h.double()
-        norms = torch.linalg.vector_norm(h, dim=-1)
-        median = norms[mask].median()
-        ratio = norms / median
+        ratio = centred_norm_ratios(h, mask).double()  # what the token rule measures
         for pos in range(min(h.shape[1], 64)):
             vals = ratio[:, pos][mask[:, pos]]
             if vals.numel():

@@ -63,9 +63,9 @@ class TokenRule:
     """Which valid token rows a feature distance compares, decided on the teacher's rows (the student's rows at
     the same positions follow).
 
-    `max_norm_ratio` c > 0 leaves out rows whose norm exceeds c x the median row norm of the valid tokens
-    (0: keep every row); `row_normalize` scales every row to unit norm before centering. Written as text:
-    "outliers:4" (the default), "all", "rownorm", "outliers:4+rownorm".
+    `max_norm_ratio` c > 0 leaves out rows whose centred norm exceeds c x the median centred norm of the valid
+    tokens (0: keep every row; `centred_norm_ratios`); `row_normalize` scales every row to unit norm before
+    centering. Written as text: "outliers:4" (the default), "all", "rownorm", "outliers:4+rownorm".
     """
 
     max_norm_ratio: float = 4.0
@@ -101,16 +101,33 @@ class TokenRule:
         back as given, so spike-free inputs are computed exactly as without the rule."""
         if not self.max_norm_ratio:
             return mask, 0
-        norms = torch.linalg.vector_norm(teacher.detach().float(), dim=-1)
-        valid = torch.ones_like(norms, dtype=torch.bool) if mask is None else mask.bool()
-        if valid.shape != norms.shape:
+        valid = teacher.new_ones(teacher.shape[:-1], dtype=torch.bool) if mask is None else mask.bool()
+        if valid.shape != teacher.shape[:-1]:
             raise ValueError(f"mask of shape {tuple(valid.shape)} does not match features of shape "
                              f"{tuple(teacher.shape)}")
         if not bool(valid.any()):
             return mask, 0
-        keep = valid & (norms <= self.max_norm_ratio * norms[valid].median())
+        keep = valid & (centred_norm_ratios(teacher.detach(), valid) <= self.max_norm_ratio)
         dropped = int(valid.sum() - keep.sum())
         return (mask, 0) if dropped == 0 else (keep, dropped)
+
+
+def centred_norm_ratios(rows: Tensor, mask: Tensor) -> Tensor:
+    """Each row's norm after subtracting the valid rows' mean, over the median of those norms (float32, the shape
+    of `mask`; 0 at invalid rows).
+
+    Centred as the distances centre rows before comparing them, so a row's weight in them is its centred norm: a
+    massive channel that every token carries (Gemma 3's, ~1e5 at layer 15) inflates every raw norm alike and
+    hides a massive first token (4x the median raw norm, 10x centred). A massive row moves the mean by 1/n of
+    itself, which at a micro-batch's hundreds of rows changes no decision. BENCHMARKS.md ("The token rule on two
+    families") has the measurements behind the rule.
+    """
+    rows = rows.float()
+    norms = torch.linalg.vector_norm(rows - rows[mask].mean(dim=0), dim=-1)
+    scale = norms[mask].median()
+    if not scale > 0:  # most rows equal (one valid row, a constant input): no row stands out from the rest
+        return torch.zeros_like(norms)
+    return torch.where(mask, norms / scale, torch.zeros_like(norms))
 
 
 DEFAULT_TOKEN_RULE = TokenRule()
