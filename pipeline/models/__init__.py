@@ -52,7 +52,8 @@ def preset_config(name: str, vocab_size: int, *, pad_token_id: int = 1, bos_toke
 
 def load_model(spec: str, *, tokenizer: PreTrainedTokenizerBase | None = None, dtype: torch.dtype = torch.float32,
                seed: int = 0, device_map: str | None = None) -> PreTrainedModel:
-    """A causal LM from a local HF model directory, a hub name (org/name, online machines), or `preset:NAME` with random weights drawn from `seed`.
+    """A causal LM from a local HF model directory, a hub name (org/name, online machines), or `preset:NAME` with
+    random weights drawn from `seed`.
 
     Presets take their vocabulary size and special token ids from `tokenizer` (required for them). A directory
     loads with local files only; with a tokenizer given, its vocabulary must fit the model's embedding.
