@@ -304,3 +304,25 @@ def test_kd_sharing_the_students_log_softmax_equals_the_separate_computation(sou
     (g_sh,) = torch.autograd.grad(shared, logits)
     assert float(shared) == pytest.approx(float(separate), rel=1e-6)
     torch.testing.assert_close(g_sh, g_sep, rtol=1e-5, atol=1e-8)
+
+
+def test_kd_auto_distils_exact_logits_for_small_vocabularies_and_top_k_for_large_ones(capsys):
+    """When a store holds both the final state and top-k log-probabilities, `--kd auto` decides by the teacher's
+    vocabulary and says why; a store with one of them, or an online teacher, gets what there is."""
+    from types import SimpleNamespace
+
+    from pipeline.train.objective import EXACT_KD_MAX_VOCAB, build_objective
+
+    cfg = TrainConfig(student="s", out="o", data="d", mode="distill", features="f", alpha=0.5, kd="auto")
+
+    def store(vocab: int, layers: list, topk: bool) -> SimpleNamespace:
+        return SimpleNamespace(layers=layers, has_topk=topk, manifest={"teacher": {"vocab_size": vocab}})
+
+    assert build_objective(cfg, 2, 4, store(49_152, ["final", 2, 4], True)).kd == "final"
+    assert "exact KD: the vocabulary (49,152)" in capsys.readouterr().out
+    assert build_objective(cfg, 2, 4, store(262_144, ["final", 2, 4], True)).kd == "topk"
+    assert f"top-k KD: the vocabulary (262,144) is above {EXACT_KD_MAX_VOCAB:,}" in capsys.readouterr().out
+    assert build_objective(cfg, 2, 4, store(262_144, ["final", 2, 4], False)).kd == "final"
+    assert build_objective(cfg, 2, 4, store(49_152, [2, 4], True)).kd == "topk"
+    assert build_objective(cfg, 2, 4, None).kd == "final"
+    assert capsys.readouterr().out == ""

@@ -74,13 +74,20 @@ def default_teacher_layers(student: str, teacher: str) -> list[int]:
 
 
 def cache_for(data: Path, teacher_dir: Path, layers: list[int], out: Path, log: Path) -> dict[str, Path]:
-    """The teacher's features once, for every student: the given layers and the final state (exact KD), for the
+    """The teacher's features once, for every student: the given layers and the teacher logits KD reads (the
+    final state for exact KD, or top-k log-probabilities for a large vocabulary: `default_kd_source`), for the
     train and valid splits."""
+    from pipeline.io import read_json
+    from pipeline.train.objective import DEFAULT_TOPK, default_kd_source
+
+    source, reason = default_kd_source(int(read_json(Path(teacher_dir) / "config.json")["vocab_size"]))
+    print(f"teacher logits for KD: {reason}", flush=True)
+    logits = ["--final"] if source == "final" else ["--topk_logits", str(DEFAULT_TOPK)]
     features = {}
     for split in ("train", "valid"):
         features[split] = out / split
         run_step(["stages.cache", "--data", str(data), "--split", split, "--teacher", str(teacher_dir),
-                  "--out", str(features[split]), "--layers", *map(str, layers), "--final", "--dtype", "fp32"], log)
+                  "--out", str(features[split]), "--layers", *map(str, layers), *logits, "--dtype", "fp32"], log)
     return features
 
 

@@ -87,6 +87,26 @@ class Objective:
         return sorted({s for s, _ in self.pairs}) if keep else []
 
 
+# Exact KD computes the teacher's logits over the whole vocabulary at every response token, from the stored final
+# state and the teacher's head (V x d, float32, beside the student); top-k KD reads k stored log-probabilities.
+# Measured (bench/kd_vocab.py, BENCHMARKS.md "Exact or top-k KD"): exact KD makes the head + cross-entropy work at
+# the response tokens 1.75-2.6x as costly, top-64 KD 1.04-1.08x; for 512 tokens on a CPU thread that is +0.85 s
+# at V 49,152 (SmolLM2) and +8.4 s at V 262,144 (Gemma 3), whose head (640 MiB) and teacher logits (512 MiB)
+# also sit in memory. Below the bound: OPT, GPT-2, Llama 2, SmolLM2; above it: Llama 3, Qwen, Gemma.
+EXACT_KD_MAX_VOCAB = 100_000
+DEFAULT_TOPK = 64
+
+
+def default_kd_source(vocab_size: int) -> tuple[KDSource, str]:
+    """Which teacher logits to distil from when the user has not said: exact ("final") for vocabularies up to
+    EXACT_KD_MAX_VOCAB, top-k above; with the reason, to be printed."""
+    if vocab_size > EXACT_KD_MAX_VOCAB:
+        return "topk", (f"top-k KD: the vocabulary ({vocab_size:,}) is above {EXACT_KD_MAX_VOCAB:,}, where exact "
+                        f"KD's teacher head and full-vocabulary logits would cost about as much as the student's own "
+                        f"head (top-{DEFAULT_TOPK}: a few percent)")
+    return "final", f"exact KD: the vocabulary ({vocab_size:,}) is at most {EXACT_KD_MAX_VOCAB:,}"
+
+
 def build_objective(cfg: TrainConfig, n_student: int, n_teacher: int, store: FeatureStore | None) -> Objective:
     """The objective of a run's options; `store` (a FeatureStore, or None for an online teacher) decides `kd auto`."""
     if cfg.mode == "sft":
@@ -100,7 +120,10 @@ def build_objective(cfg: TrainConfig, n_student: int, n_teacher: int, store: Fea
     if cfg.alpha == 0:
         kd = "none"
     elif kd == "auto":
-        if store is None or FINAL in store.layers:
+        if store is not None and FINAL in store.layers and store.has_topk:
+            kd, reason = default_kd_source(int(store.manifest["teacher"]["vocab_size"]))
+            print(f"[train] --kd auto: {reason}; the store holds both, --kd final or --kd topk overrides")
+        elif store is None or FINAL in store.layers:
             kd = "final"
         elif store.has_topk:
             kd = "topk"
