@@ -175,3 +175,33 @@ def test_hub_names_fail_clearly_offline(monkeypatch):
         load_model("someorg/not-a-cached-model")
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set"):
         load_tokenizer("someorg/not-a-cached-model")
+
+
+def test_a_gemma_student_keeps_each_layer_s_attention_kind_and_its_kv_cache_decodes_right(tok, tmp_path):
+    """Gemma 3 mixes sliding-window and full attention per layer (config.layer_types): a layer-cut student must
+    keep each kept layer's kind, or it computes another function on prompts longer than the window."""
+    from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from pipeline.models.student_init import make_student
+
+    kinds = ["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2 + ["full_attention"]
+    config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                              layer_types=kinds, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(config).save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher").eval()
+    ids = torch.randint(5, len(tok), (1, 12))  # three times the window
+    make_student(tmp_path / "teacher", "0,1,2", tmp_path / "prefix")
+    make_student(tmp_path / "teacher", "1,2,5", tmp_path / "cut")
+    prefix = AutoModelForCausalLM.from_pretrained(tmp_path / "prefix").eval()
+    cut = AutoModelForCausalLM.from_pretrained(tmp_path / "cut").eval()
+    assert cut.config.layer_types == [kinds[1], kinds[2], kinds[5]]
+    assert [layer.self_attn.is_sliding for layer in cut.model.layers] == [True, False, False]
+    with torch.no_grad():
+        torch.testing.assert_close(capture_hidden_states(prefix, ids, None, [3])[3],
+                                   capture_hidden_states(teacher, ids, None, [3])[3], rtol=0, atol=0)
+        cached = cut.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
+        uncached = cut.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)

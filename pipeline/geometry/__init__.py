@@ -117,10 +117,10 @@ def centred_norm_ratios(rows: Tensor, mask: Tensor) -> Tensor:
     of `mask`; 0 at invalid rows).
 
     Centred as the distances centre rows before comparing them, so a row's weight in them is its centred norm: a
-    massive channel that every token carries (Gemma 3's, ~1e5 at layer 15) inflates every raw norm alike and
-    hides a massive first token (4x the median raw norm, 10x centred). A massive row moves the mean by 1/n of
-    itself, which at a micro-batch's hundreds of rows changes no decision. BENCHMARKS.md ("The token rule on two
-    families") has the measurements behind the rule.
+    massive channel that every token carries (Gemma 3's channel 163, ~2e4 at layer 15) inflates every raw norm
+    alike and hides a massive first token (4.5x the median raw norm there, 10.5x centred). A massive row moves
+    the mean by 1/n of itself, which at a micro-batch's hundreds of rows changes no decision. BENCHMARKS.md ("The
+    token rule on two families") has the measurements behind the rule.
     """
     rows = rows.float()
     norms = torch.linalg.vector_norm(rows - rows[mask].mean(dim=0), dim=-1)
