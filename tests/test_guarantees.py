@@ -240,6 +240,29 @@ def test_killing_the_launcher_takes_its_ranks_down_and_a_live_run_holds_its_fold
     assert "Traceback" not in proc.stderr
 
 
+def test_a_checkpoint_another_rank_was_still_writing_is_not_resumed_from(tmp_path):
+    """DeepSpeed writes `latest` once rank 0's files are done, before the other ranks' optimizer shards are; a kill
+    in between must not leave a checkpoint that --resume picks and rank 1 cannot read (a CI run hit this)."""
+    from pipeline.train.checkpointing import COMPLETE_FILE, STATE_FILE, complete_tags, resume_order
+
+    root = tmp_path / "checkpoints"
+    for tag, finished in (("step00000003", True), ("step00000006", False)):
+        (root / tag).mkdir(parents=True)
+        (root / tag / "mp_rank_00_model_states.pt").write_bytes(b"rank 0 done")
+        (root / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"half")
+        (root / tag / STATE_FILE).write_text(json.dumps({"step": int(tag[4:]), "complete_marker": COMPLETE_FILE}))
+        if finished:
+            (root / tag / COMPLETE_FILE).write_text("{}")
+    (root / "latest").write_text("step00000006")
+    order, note = resume_order(root)
+    assert order == ["step00000003"] and "names 'step00000006', which is not a complete checkpoint" in note
+    legacy = tmp_path / "legacy" / "step00000002"  # written before geokd marked checkpoints: states suffice
+    legacy.mkdir(parents=True)
+    (legacy / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    (legacy / STATE_FILE).write_text(json.dumps({"step": 2}))
+    assert complete_tags(legacy.parent) == ["step00000002"]
+
+
 def test_resume_falls_back_to_the_newest_intact_checkpoint_and_says_so(prepared_tiny, tmp_path):
     """A dangling `latest` or a truncated newest checkpoint: --resume takes the one before, saying which and why;
     geokd's own checkpoint files are JSON, not pickles."""

@@ -125,9 +125,13 @@ def test_the_steps_command_lines_parse_under_their_stages_configs(monkeypatch, t
     calls: list[list[str]] = []
     monkeypatch.setattr(steps, "run_step", lambda args, log: calls.append(args))
     steps.prepare_builtin(tmp_path, "builtin-tiny", tmp_path / "log")
-    features = steps.cache_for(tmp_path / "data", tmp_path / "teacher", [2, 4], tmp_path / "features", tmp_path / "log")
+    for name, vocab in (("teacher", 1000), ("large_vocab", 262_144)):  # exact KD, then top-k (default_kd_source)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(f'{{"vocab_size": {vocab}}}')
+        features = steps.cache_for(tmp_path / "data", tmp_path / name, [2, 4], tmp_path / name, tmp_path / "log")
     configs = {"stages.prepare": PrepareConfig, "stages.cache": CacheConfig, "stages.eval": EvalConfig}
-    assert [c[0] for c in calls] == ["stages.prepare"] * 2 + ["stages.cache"] * 2
+    assert [c[0] for c in calls] == ["stages.prepare"] * 2 + ["stages.cache"] * 4
+    assert "--final" in calls[2] and calls[4][calls[4].index("--topk_logits") + 1] == "64"
     for args in calls:
         parse_config(configs[args[0]], args[1:])
     base = ["--data", "d", "--student", "s", "--out", "o"]

@@ -186,14 +186,17 @@ def test_two_ranks_killed_then_resumed_as_two_nodes_match_one_rank(driver, prepa
         "--valid_features", str(stores / "valid"), "--eval_every", "3", "--eval_samples", "8"]
     proc = subprocess.Popen([sys.executable, "-m", "stages.train", "--nproc", "2", *args], cwd=ROOT,
                             env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    latest = out / "checkpoints" / "latest"
+    from pipeline.train.checkpointing import complete_tags
+
+    root = out / "checkpoints"
     deadline = time.monotonic() + 300
-    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not complete_tags(root) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     kill_tree(proc.pid)
     log, _ = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, log[-4000:]
-    killed_at = int(latest.read_text().strip().removeprefix("step"))
+    # The newest checkpoint every rank finished (`latest` may name a newer one a rank was still writing).
+    killed_at = int(complete_tags(root)[-1].removeprefix("step"))
     assert 3 <= killed_at < STEPS and not (out / "model").exists()
 
     port = str(free_port())

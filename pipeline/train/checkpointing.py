@@ -31,6 +31,10 @@ from pipeline.runtime import DistInfo
 LATEST = "latest"
 UNIVERSAL = "universal"  # checkpoints/universal/TAG: a checkpoint converted for another number of ranks
 STATE_FILE = "geokd.json"  # the run's data position, world size and config, beside DeepSpeed's files
+# Written by rank 0 once every rank has written its part of a checkpoint. DeepSpeed writes `latest` when rank 0's
+# files are done, before the other ranks' optimizer shards are: a kill in between left a checkpoint that `latest`
+# named and rank 1 could not read (seen in CI). Checkpoints whose state file announces the marker count only with it.
+COMPLETE_FILE = "complete.json"
 
 
 def saved_state(folder: Path) -> dict[str, Any] | None:
@@ -51,11 +55,13 @@ def latest_tag(root: Path) -> str | None:
 
 
 def complete_tags(root: Path) -> list[str]:
-    """Checkpoints whose DeepSpeed model states were written (oldest first)."""
+    """Checkpoints every rank finished writing (oldest first): marked complete, or, if written before geokd marked
+    them, with rank 0's DeepSpeed model states."""
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir()
-                  if p.is_dir() and p.name.startswith("step") and model_states_file(p) is not None)
+                  if p.is_dir() and p.name.startswith("step") and model_states_file(p) is not None
+                  and ((p / COMPLETE_FILE).is_file() or "complete_marker" not in (saved_state(p) or {})))
 
 
 def model_states_file(folder: Path) -> Path | None:
@@ -111,8 +117,10 @@ def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, 
     (root / tag).mkdir(parents=True, exist_ok=True)
     write_json_atomic(root / tag / f"rng-rank{dist.rank}.json", _rng_state())
     if dist.is_main:  # readable before DeepSpeed loads anything (and without unpickling)
-        write_json_atomic(root / tag / STATE_FILE, client_state)
+        write_json_atomic(root / tag / STATE_FILE, {**client_state, "complete_marker": COMPLETE_FILE})
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    if dist.is_main:  # DeepSpeed's save ends in a barrier: every rank's files are written
+        write_json_atomic(root / tag / COMPLETE_FILE, {"step": step, "world_size": dist.world_size})
     if dist.is_main and keep > 0:
         tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
         for old in tags[:-keep]:
