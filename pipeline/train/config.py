@@ -51,8 +51,8 @@ class TrainConfig:
                 "else topk, else none when alpha is 0)"})
     kd_temperature: float = field(default=1.0, metadata={"help": "KD temperature"})
     token_rule: str = field(default="outliers:4", metadata={
-        "help": "token rows the feature loss compares: outliers:C leaves out rows above C x the median teacher norm "
-                "(massive activations), all, rownorm, outliers:C+rownorm"})
+        "help": "token rows the feature loss compares: outliers:C leaves out rows whose centred teacher norm is above "
+                "C x the median (massive activations), all, rownorm, outliers:C+rownorm"})
     ds_config: str = field(default="ds_configs/auto.json", metadata={
         "help": "DeepSpeed JSON (ds_configs/); auto.json picks the ZeRO stage for the run (0 on one rank, else 2)"})
     precision: Literal[PRECISIONS] = field(default="auto", metadata={
