@@ -50,8 +50,9 @@ def model_names(paths: Sequence[str]) -> list[str]:
     return names
 
 
-def load_model_and_tokenizer(model_dir: str, tokenizer_dir: str, dtype: torch.dtype, device: torch.device):
-    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+def load_model_and_tokenizer(model_dir: str, tokenizer_dir: str, dtype: torch.dtype, device: torch.device,
+                             tokenizer: Any = None):
+    tokenizer = tokenizer or load_tokenizer(tokenizer_dir or model_dir)
     model = load_model(model_dir, tokenizer=tokenizer, dtype=dtype)
     return model.to(device).eval(), tokenizer
 
@@ -142,13 +143,14 @@ def prompt_texts(samples: Sequence[Any], template: str, tokenizer: Any) -> list[
 
 
 def _plan(config: EvalConfig, names: list[str], benches: list[Benchmark], protocol: dict[str, Any],
-          out: Path) -> dict[str, dict[str, list[int | None]]]:
-    """Check what is already in `out` against this run and list the passes still to generate, per model and set."""
+          out: Path, tokenizers: dict[str, Any]) -> dict[str, dict[str, list[int | None]]]:
+    """Check what is already in `out` against this run and list the passes still to generate, per model and set;
+    the tokenizers it loads are kept in `tokenizers` by model dir (a 262,144-token one takes seconds to load)."""
     check_folder_is_ours(out, "eval", EVAL_FILES, "geokd.eval")
     _check_record(out / "protocol.json", protocol, "generation protocol", (out / "generations").exists())
     pending: dict[str, dict[str, list[int | None]]] = {}
     for model_dir, name in zip(config.models, names):
-        tokenizer = load_tokenizer(config.tokenizer or model_dir)
+        tokenizer = tokenizers[model_dir] = load_tokenizer(config.tokenizer or model_dir)
         model_fp = quick_model_fingerprint(Path(model_dir))
         for bench in benches:
             folder = out / "generations" / name / bench.name
@@ -204,9 +206,10 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     t0 = time.time()
     # Rank 0 alone reads and writes the output folder; the other ranks learn the plan, or its error, from it.
     plan: dict[str, Any] = {}
+    tokenizers: dict[str, Any] = {}
     if info.is_main:
         try:
-            plan = {"pending": _plan(config, names, benches, protocol, out)}
+            plan = {"pending": _plan(config, names, benches, protocol, out, tokenizers)}
         except (ConfigError, DataError, ValueError, OSError) as e:
             plan = {"error": e}
     plan = broadcast_object(plan, info.world_size)
@@ -217,7 +220,8 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         pending = plan["pending"].get(name)
         if not pending:
             continue
-        model, tokenizer = load_model_and_tokenizer(model_dir, config.tokenizer, dtype, device)
+        model, tokenizer = load_model_and_tokenizer(model_dir, config.tokenizer, dtype, device,
+                                                    tokenizers.get(model_dir))
         for bench in benches:
             if bench.name not in pending:
                 continue

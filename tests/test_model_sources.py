@@ -92,3 +92,22 @@ def test_every_known_model_names_its_license_and_its_wheels_are_all_one_version(
                    for i, p in enumerate(model.parts)), name
         if model.license != "Apache-2.0":
             assert model.terms is not None, f"{name}: a license a user cannot assume ships its terms"
+
+
+def test_a_written_model_whose_logits_differ_from_the_original_is_refused(tmp_path):
+    """get-model loads what it wrote back and compares logits with the original on a probe (both real models
+    pass it in tests/test_real_*.py); one changed weight is enough to refuse."""
+    import torch
+
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.models import load_model
+    from pipeline.models.sources import check_written_model
+
+    tok = load_tokenizer("builtin-tiny")
+    model = load_model("preset:tiny-student", tokenizer=tok, seed=0)
+    model.save_pretrained(tmp_path / "same")
+    check_written_model(model, tmp_path / "same", tok, "tiny")
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] += 1e-3
+    with pytest.raises(GeokdError, match="tiny: the converted model's logits differ from the original's"):
+        check_written_model(model, tmp_path / "same", tok, "tiny")

@@ -210,11 +210,25 @@ def one_gguf_parse() -> Iterator[None]:
         gguf_package.GGUFReader = original
 
 
+def check_written_model(reference: Any, folder: Path, tokenizer: Any, source: str) -> None:
+    """Load `folder` back and raise unless its logits on a probe prompt equal `reference`'s, bit for bit."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    probe = torch.tensor([tokenizer("The capital of France is", add_special_tokens=True)["input_ids"]])
+    with torch.no_grad():
+        want = reference.eval()(probe).logits
+        got = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(probe).logits
+    if not torch.equal(want, got):
+        raise GeokdError(f"{source}: the converted model's logits differ from the original's (largest difference "
+                         f"{float((want - got).abs().max()):.3g}); nothing written")
+
+
 def convert_gguf(gguf: Path, out: Path) -> dict[str, Any]:
     """Write `out` as a safetensors model directory with its tokenizer; return a summary of the model.
 
-    The plain model must compute what the GGUF model computes: both run a probe and their logits must be equal,
-    or nothing is written.
+    The written folder must compute what the GGUF model computes: it is loaded back and both run a probe prompt;
+    unequal logits are an error (the caller's `atomic_dir` then leaves nothing).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -232,24 +246,13 @@ def convert_gguf(gguf: Path, out: Path) -> dict[str, Any]:
         plain = type(loaded)(config)
     plain.load_state_dict(loaded.state_dict(), strict=True, assign=True)
     plain.tie_weights()
-    # Buffers computed at init (Gemma's embedding scale, rotary frequencies) are not in the state dict and were
-    # made on the meta device above: take the loaded model's.
-    loaded_buffers = dict(loaded.named_buffers())
-    for name, buffer in plain.named_buffers():
-        if buffer.is_meta:
-            module_name, _, attr = name.rpartition(".")
-            plain.get_submodule(module_name).register_buffer(attr, loaded_buffers[name].clone(), persistent=False)
-    probe = torch.tensor([tokenizer("The capital of France is", add_special_tokens=True)["input_ids"]])
-    with torch.no_grad():
-        same = torch.equal(loaded.eval()(probe).logits, plain.eval()(probe).logits)
-    if not same:
-        raise GeokdError(f"{gguf}: the converted model's logits differ from the GGUF model's; nothing written")
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    check_written_model(loaded, out, tokenizer, str(gguf))
     return {"architecture": type(plain).__name__, "layers": config.num_hidden_layers,
             "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
             "parameters": sum(p.numel() for p in plain.parameters()),
-            "check": "logits equal to the GGUF model's on a probe prompt"}
+            "check": "the written folder's logits equal the GGUF model's on a probe prompt"}
 
 
 def get_model(source: str, out: str | Path, cache: str | Path) -> Path:
