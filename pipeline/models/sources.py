@@ -183,10 +183,11 @@ def copy_terms(model: KnownModel, wheels: dict[str, Path], out: Path) -> str | N
 @contextlib.contextmanager
 def one_gguf_parse() -> Iterator[None]:
     """Let transformers parse a GGUF file once instead of three times (for the config, the weights and the
-    tokenizer; each parse reads every metadata field in Python: about 13 s for Gemma's 262,144-token vocabulary,
-    so the conversion takes 76 s instead of about 50). A reader only maps the file and reads it, so sharing one
-    between the three loads changes no value, and the probe check in `convert_gguf` would see it if it did. If
-    the `gguf` package no longer has the reader where transformers looks, nothing is shared."""
+    tokenizer; each parse reads every metadata field in Python, about 13 s for Gemma's 262,144-token vocabulary:
+    its conversion took 76 s, 33 s with one parse). A reader only maps the file and reads it, so sharing one
+    between the three loads changes no value (the converted files are the same byte for byte), and
+    `check_written_model` would see it if it did. If the `gguf` package no longer has the reader where
+    transformers looks, nothing is shared."""
     import gguf as gguf_package
 
     original = getattr(gguf_package, "GGUFReader", None)
