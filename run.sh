@@ -29,7 +29,7 @@ setup() {
 }
 
 runtime_env() {
-    # DeepSpeed on a machine without a GPU: its CPU accelerator, gloo, and a cached JIT build of its shm op.
+    # DeepSpeed on a machine without a GPU: its CPU accelerator, gloo, and a cache for any op it JIT-compiles.
     if ! command -v nvidia-smi >/dev/null 2>&1; then
         export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
     fi

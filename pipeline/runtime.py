@@ -65,6 +65,18 @@ def ensure_dist_env() -> DistInfo:
     )
 
 
+def skip_unused_deepspeed_ops() -> None:
+    """On a CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce op when it starts (about
+    30 s, once per machine) that only its inference all-reduce calls (tensor-parallel inference); training's
+    all-reduce, and every collective geokd runs, goes through torch.distributed either way. Marking the op
+    unavailable in DeepSpeed's table of compatible ops (one dict, kept for such edits) skips the build."""
+    if os.environ.get("DS_ACCELERATOR") != "cpu":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def dist_info() -> DistInfo:
     """Rank info from the environment without touching it (1 rank when no launcher is involved)."""
     return DistInfo(

@@ -28,7 +28,8 @@ from pipeline.features.store import FeatureStore
 from pipeline.io import check_folder_is_ours, hold_folder_lock
 from pipeline.models import FINAL, load_model, model_fingerprint, model_shape
 from pipeline.models.teacher import LMHead, load_frozen_teacher
-from pipeline.runtime import DistInfo, dist_info, ensure_dist_env, pick_device, seed_everything, torch_dtype
+from pipeline.runtime import (DistInfo, dist_info, ensure_dist_env, pick_device, seed_everything,
+                              skip_unused_deepspeed_ops, torch_dtype)
 from pipeline.train.config import TrainConfig, teacher_mode
 from pipeline.train.data import make_collate, make_dataset
 from pipeline.train.memory import activation_bytes, count_parameters, model_config
@@ -255,6 +256,7 @@ def setup(cfg: TrainConfig, plan: Plan | None = None) -> Run:
         lock = hold_folder_lock(cfg.out, "train")
     import deepspeed
 
+    skip_unused_deepspeed_ops()
     deepspeed.init_distributed(verbose=False)
     device = pick_device(dist.local_rank)  # before any collective: NCCL's barrier runs on the current device
     if plan.elastic is not None and plan.elastic.universal:
