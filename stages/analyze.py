@@ -63,7 +63,8 @@ def teacher_batches(cfg: AnalyzeConfig, tokens: Any, tok: Any, layers: list[int]
 
 
 def store_batches(cfg: AnalyzeConfig, tokens: Any, pad_id: int, layers: list[Any]) -> Iterator[tuple]:
-    joined = FeatureDataset(tokens, FeatureStore(cfg.features), layers)
+    # Channels are reported, so a rotated (quantized) store is read back in the teacher's own channels.
+    joined = FeatureDataset(tokens, FeatureStore(cfg.features, unrotate=True), layers)
     for positions in _chunks(len(tokens), cfg):
         batch = collate_with_features([joined[p] for p in positions], pad_id, torch.float32)
         yield batch["features"], batch["attention_mask"], batch["input_ids"]

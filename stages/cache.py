@@ -21,11 +21,12 @@ from tqdm import tqdm
 from pipeline.config import config_to_dict, stage_main
 from pipeline.data.prepared import PreparedData
 from pipeline.data.tokenizer import check_same_tokenizer, load_tokenizer
-from pipeline.errors import StoreError
+from pipeline.errors import ConfigError, StoreError
 from pipeline.features import cache, plan as store_plan
 from pipeline.features.config import CacheConfig
-from pipeline.features.format import DTYPES, LOWRANK_FILE, MANIFEST, PLAN, verify_files
+from pipeline.features.format import DTYPES, LOWRANK_FILE, MANIFEST, PLAN, QUANT_FILE, read_quant_params, verify_files
 from pipeline.features.lowrank import load_lowrank
+from pipeline.features.quant import QuantSpec, check_spec
 from pipeline.features.store import FeatureStore
 from pipeline.io import read_json, sha256_file
 from pipeline.models import model_fingerprint
@@ -68,6 +69,10 @@ def run(cfg: CacheConfig) -> int:
         say(f"[cache] note: {teacher_dir} has no tokenizer files; only its vocabulary size and special token ids "
             f"were checked against the prepared data's tokenizer")
     dims = cache.probe_dims(model, cfg.layers, cfg.final, input_device)
+    quant = QuantSpec(cfg.quant, cfg.quant_group, cfg.rotate, cfg.quant_fit_tokens > 0) if cfg.quant else None
+    for layer, d in dims.items() if quant else ():
+        if (why := check_spec(quant.kind, quant.group, d["d"], f"layer {layer}")) is not None:
+            raise ConfigError(f"--quant {quant.kind} --quant_group {quant.group}: {why}")
 
     # 2. The plan: what the shards hold and how the work is cut. A rerun must agree with the one on disk.
     content = {
@@ -79,6 +84,9 @@ def run(cfg: CacheConfig) -> int:
                      "seed": cfg.seed} if cfg.lowrank_k or cfg.lowrank_energy else None),
         "shard_tokens": cfg.shard_tokens, "batch_tokens": cfg.batch_tokens, "max_batch_size": cfg.max_batch_size,
     }
+    if quant:  # only then: an unquantized plan, and so its shards, stay byte for byte what they were
+        content["quant"] = {"kind": quant.kind, "group": quant.group, "rotate": quant.rotated, "seed": cfg.seed,
+                            "fit_tokens": cfg.quant_fit_tokens}
     info = {"teacher": {"spec": cfg.teacher, "n_layers": model.config.num_hidden_layers,
                         "vocab_size": model.config.vocab_size},
             "data_path": str(Path(cfg.data).resolve()), "dims": dims, "config": config_to_dict(cfg)}
@@ -92,7 +100,7 @@ def run(cfg: CacheConfig) -> int:
         pending_at_start = store_plan.pending_units(out, plan) if state == "resume" else list(range(n_units))
         if state != "complete":
             estimate = store_plan.storage_estimate(int(dataset.lengths.sum()), dims, DTYPES[cfg.dtype],
-                                                   cfg.topk_logits)
+                                                   cfg.topk_logits, quant)
             store_plan.prepare_output_folder(out, plan, int(estimate * len(pending_at_start) / n_units))
             cache.write_side_files(out, plan, model, dataset, final=cfg.final, layers=cfg.layers,
                                    lowrank_k=cfg.lowrank_k, lowrank_energy=cfg.lowrank_energy,
@@ -108,6 +116,9 @@ def run(cfg: CacheConfig) -> int:
         return 0
     lowrank = load_lowrank(out / LOWRANK_FILE, input_device) if content["lowrank"] else {}
     lowrank_sha = sha256_file(out / LOWRANK_FILE) if content["lowrank"] else None
+    params = None
+    if quant:
+        params = tuple({k: v.to(input_device) for k, v in part.items()} for part in read_quant_params(out / QUANT_FILE))
 
     # 4. This rank's units; finished ones are verified and kept.
     units = plan["units"]
@@ -122,7 +133,7 @@ def run(cfg: CacheConfig) -> int:
                       writers=cfg.writer_threads or cache.default_writer_threads(), layers=cfg.layers,
                       final=cfg.final, topk=cfg.topk_logits, store_dtype=DTYPES[cfg.dtype], lowrank=lowrank,
                       pad_id=tok.pad_token_id, batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size,
-                      device=input_device, on_tokens=bar.update)
+                      device=input_device, on_tokens=bar.update, quant=quant, params=params)
     bar.close()
 
     # 5. The manifest, last: its presence means the store is complete.

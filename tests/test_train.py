@@ -71,6 +71,8 @@ DRIVER = textwrap.dedent("""
               check_model=True)
     train("online", ["--ds_config", "ds_configs/zero2.json", "--grad_accum", "2", "--teacher_mode", "online",
                      "--teacher", spec["teacher"], "--stop_after", "4"])
+    train("int8_rotated", ["--ds_config", "ds_configs/zero2.json", "--grad_accum", "2", "--features",
+                           spec["int8_rotated"], "--stop_after", "2"])
     drop = ["--student", spec["dropout_student"], "--ds_config", "ds_configs/zero1.json", "--grad_accum", "2",
             "--max_steps", "6"]
     train("dropout_full", drop)
@@ -90,15 +92,17 @@ def losses(metrics: dict, key: str = "loss") -> list[float]:
 
 @pytest.fixture(scope="module")
 def stores(prepared_tiny, tiny_pair, tmp_path_factory):
-    """fp32 feature stores of the train split (layers 2 and 4, final state, top-8 logits) and the valid split."""
+    """fp32 feature stores of the train split (layers 2 and 4, final state, top-8 logits) and the valid split, and
+    a rotated int8 store of the train split."""
     from stages.cache import main as cache
 
     root = tmp_path_factory.mktemp("stores")
     saved = dict(os.environ)
     try:
-        for split, extra in (("train", ["--topk_logits", "8"]), ("valid", [])):
+        for name, split, extra in (("train", "train", ["--topk_logits", "8"]), ("valid", "valid", []),
+                                   ("int8_rotated", "train", ["--quant", "int8", "--rotate"])):
             assert cache(["--data", str(prepared_tiny), "--teacher", str(tiny_pair.teacher), "--split", split,
-                          "--out", str(root / split), "--layers", "2", "4", "--final", "--dtype", "fp32",
+                          "--out", str(root / name), "--layers", "2", "4", "--final", "--dtype", "fp32",
                           "--progress", "false", *extra]) == 0
     finally:
         os.environ.clear()
@@ -124,6 +128,7 @@ def driver(prepared_tiny, tiny_pair, stores, tmp_path_factory):
     model.save_pretrained(dropout_student)
     spec = {"common": common_args(prepared_tiny, tiny_pair.student, stores), "root": str(root),
             "teacher": str(tiny_pair.teacher), "student": str(tiny_pair.student),
+            "int8_rotated": str(stores / "int8_rotated"),
             "dropout_student": str(dropout_student), "probe_ids": [[5, 17, 42, 9, 77, 3, 11, 60]] * 2}
     r = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(spec)], cwd=ROOT, env=clean_env(),
                        capture_output=True, text=True, timeout=600)
@@ -156,6 +161,16 @@ def test_stored_features_and_online_teacher_give_the_same_losses(driver):
     assert len(online) == 4  # --stop_after 4 of the same 12-step schedule
     for key in ("loss", "ce", "kd", "procrustes/s1_t2", "procrustes/s2_t4"):
         assert losses(online, key) == pytest.approx(losses(driver["zero2"]["metrics"], key)[:4], rel=2e-5), key
+
+
+def test_a_rotated_int8_store_trains_like_the_exact_one(driver):
+    """Rotated rows, the rotated LM head and 0.6% code noise: the same CE, and KD and Procrustes losses within the
+    codes' error, from the same student on the same batches."""
+    quant, exact = driver["int8_rotated"]["metrics"], driver["zero2"]["metrics"]
+    assert len(quant) == 2
+    assert losses(quant, "ce")[0] == pytest.approx(losses(exact, "ce")[0], rel=1e-6)
+    for key in ("kd", "procrustes/s1_t2", "procrustes/s2_t4"):
+        assert losses(quant, key) == pytest.approx(losses(exact, key)[:2], rel=0.02), key
 
 
 def test_stop_and_resume_continues_exactly_with_dropout(driver):

@@ -17,30 +17,38 @@ from torch import Tensor
 from pipeline.data.prepared import collate_batch
 from pipeline.errors import StoreError
 from pipeline.features.format import (
-    LM_HEAD_FILE, LOWRANK_FILE, layer_key, shard_file, sidecar_file, write_lm_head, write_lowrank, write_shard,
+    LM_HEAD_FILE, LOWRANK_FILE, QUANT_FILE, layer_key, parse_layer, read_quant_params, shard_file, sidecar_file,
+    write_lm_head, write_lowrank, write_quant_params, write_shard,
 )
-from pipeline.features.lowrank import LowRank, fit_lowrank
+from pipeline.features.lowrank import LowRank, fit_lowrank, fit_positions
+from pipeline.features.quant import QuantSpec, quantize, rotation_matrix
 from pipeline.features.plan import length_batches
+from pipeline.geometry import DEFAULT_TOKEN_RULE
 from pipeline.io import read_json, sha256_file, write_json_atomic
 from pipeline.models import capture_hidden_states
-from pipeline.models.teacher import lm_head_of
+from pipeline.models.teacher import LMHead, lm_head_of
+
+QuantParams = tuple[dict[Any, Tensor], dict[Any, Tensor]] | None  # (rotations, means) of a quantized store
 
 
 @torch.no_grad()
 def teacher_rows(model: Any, input_ids: Tensor, attention_mask: Tensor, layers: Sequence[int], *, final: bool,
-                 topk: int, store_dtype: torch.dtype, lowrank: LowRank, device: torch.device
+                 topk: int, store_dtype: torch.dtype, lowrank: LowRank, device: torch.device,
+                 quant: QuantSpec | None = None, params: QuantParams = None
                  ) -> tuple[dict[str, Tensor], dict[str, list[float]]]:
     """The valid tokens' stored tensors of one batch (rows in batch order, on the CPU) and low-rank energy sums."""
     hs = capture_hidden_states(model, input_ids.to(device), attention_mask.to(device), list(layers),
                                final=final or topk > 0)
     return extract_rows(hs, attention_mask, layers, final=final, topk=topk, store_dtype=store_dtype, lowrank=lowrank,
-                        head=model.get_output_embeddings() if topk else None)
+                        head=model.get_output_embeddings() if topk else None, quant=quant, params=params)
 
 
 def extract_rows(hs: dict[Any, Tensor], attention_mask: Tensor, layers: Sequence[int], *, final: bool, topk: int,
-                 store_dtype: torch.dtype, lowrank: LowRank, head: Any = None
-                 ) -> tuple[dict[str, Tensor], dict[str, list[float]]]:
-    """Captured hidden states `[B, T, d]` -> the valid rows to store (projected, cast, on the CPU)."""
+                 store_dtype: torch.dtype, lowrank: LowRank, head: Any = None, quant: QuantSpec | None = None,
+                 params: QuantParams = None) -> tuple[dict[str, Tensor], dict[str, list[float]]]:
+    """Captured hidden states `[B, T, d]` -> the valid rows to store (projected or quantized, cast, on the CPU).
+    Quantized rows come from the teacher's own precision (rotated and centred in float32 first when asked), never
+    from a bf16 copy; `params` = (rotations, means) from quant.safetensors, on the rows' device."""
     out: dict[str, Tensor] = {}
     energy: dict[str, list[float]] = {}
     for layer in list(layers) + (["final"] if final else []):
@@ -51,6 +59,14 @@ def extract_rows(hs: dict[Any, Tensor], attention_mask: Tensor, layers: Sequence
             centered = h.float() - mean.to(h.device)
             h = centered @ basis.to(h.device)
             energy[layer_key(layer)] = [float(centered.double().square().sum()), float(h.double().square().sum())]
+        if quant is not None:
+            rotations, means = params or ({}, {})
+            h = h.float()
+            h = h @ rotations[layer].to(h.device) if layer in rotations else h
+            h = h - means[layer].to(h.device) if layer in means else h
+            codes, scale = quantize(h, quant)
+            out[f"feat.{layer_key(layer)}"], out[f"scale.{layer_key(layer)}"] = codes.cpu(), scale.cpu()
+            continue
         out[f"feat.{layer_key(layer)}"] = h.to(store_dtype).cpu()
     if topk:
         final_h = hs["final"]
@@ -68,7 +84,8 @@ def extract_rows(hs: dict[Any, Tensor], attention_mask: Tensor, layers: Sequence
 
 def compute_unit(model: Any, dataset: Any, start: int, end: int, *, layers: Sequence[int], final: bool, topk: int,
                  store_dtype: torch.dtype, lowrank: LowRank, pad_id: int, batch_tokens: int, max_batch_size: int,
-                 device: torch.device, on_tokens: Callable[[int], None] | None = None) -> dict[str, Any]:
+                 device: torch.device, on_tokens: Callable[[int], None] | None = None,
+                 quant: QuantSpec | None = None, params: QuantParams = None) -> dict[str, Any]:
     """One unit's shard content: the teacher over its samples in length-grouped batches, put back in unit order."""
     lengths = dataset.lengths
     per_sample: dict[int, dict[str, Tensor]] = {}
@@ -76,7 +93,8 @@ def compute_unit(model: Any, dataset: Any, start: int, end: int, *, layers: Sequ
     for positions in length_batches(lengths, range(start, end), batch_tokens, max_batch_size):
         batch = collate_batch([dataset[p] for p in positions], pad_id)
         rows, e = teacher_rows(model, batch["input_ids"], batch["attention_mask"], layers, final=final, topk=topk,
-                               store_dtype=store_dtype, lowrank=lowrank, device=device)
+                               store_dtype=store_dtype, lowrank=lowrank, device=device, quant=quant,
+                               params=params)
         sizes = [int(lengths[p]) for p in positions]
         split = {name: t.split(sizes) for name, t in rows.items()}
         for j, p in enumerate(positions):
@@ -163,12 +181,52 @@ def probe_dims(model: Any, layers: Sequence[int], final: bool, device: torch.dev
     return {layer_key(k): {"d": int(v.shape[-1])} for k, v in hs.items()}
 
 
+@torch.no_grad()
+def fit_channel_means(model: Any, dataset: Any, layers: Sequence[Any], *, fit_tokens: int, seed: int, pad_id: int,
+                      batch_tokens: int, max_batch_size: int, device: torch.device) -> dict[Any, Tensor]:
+    """Per-channel means [d] (float32, CPU) of the rows the default token rule keeps, over a seeded sample of
+    about `fit_tokens` tokens; `layers` may include "final". Sums run in float64 so batch order is immaterial."""
+    ints = [x for x in layers if x != "final"]
+    sums: dict[Any, list] = {x: [0.0, 0] for x in layers}
+    for batch_pos in length_batches(dataset.lengths, fit_positions(dataset.lengths, fit_tokens, seed),
+                                    batch_tokens, max_batch_size):
+        batch = collate_batch([dataset[p] for p in batch_pos], pad_id)
+        mask = batch["attention_mask"].to(device).bool()
+        hs = capture_hidden_states(model, batch["input_ids"].to(device), mask, ints, final="final" in layers)
+        for layer in layers:
+            keep, _ = DEFAULT_TOKEN_RULE.select(hs[layer], mask)
+            rows = hs[layer][keep].double()
+            sums[layer][0], sums[layer][1] = sums[layer][0] + rows.sum(0).cpu(), sums[layer][1] + rows.shape[0]
+    return {layer: (s / max(n, 1)).float() for layer, (s, n) in sums.items()}
+
+
+def rotations_for(dims: dict[str, dict[str, int]], seed: int) -> dict[Any, Tensor]:
+    """One seeded orthogonal matrix per stored layer (layer i of the store's list gets seed + i)."""
+    return {parse_layer(k): rotation_matrix(v["d"], seed + i)[0] for i, (k, v) in enumerate(dims.items())}
+
+
 def write_side_files(out: Path, plan: dict[str, Any], model: Any, dataset: Any, *, final: bool, layers: Sequence[int],
                      lowrank_k: int, lowrank_energy: float, fit_tokens: int, seed: int, pad_id: int,
                      batch_tokens: int, max_batch_size: int, device: torch.device) -> None:
-    """The LM head (with --final) and the low-rank bases (fitted once, by rank 0, before any unit)."""
+    """Side files, by rank 0 before any unit: the quantization's rotations and means, the LM head (with --final;
+    a rotated store's head is rotated like its final state: (h Q)(W Q)^T = h W^T) and the low-rank bases."""
+    quant = plan["content"].get("quant")
+    if quant and not (out / QUANT_FILE).is_file():
+        rotations = rotations_for(plan["info"]["dims"], quant["seed"]) if quant["rotate"] else {}
+        means = {}
+        if quant["fit_tokens"]:
+            print(f"[cache] fitting per-channel means on ~{quant['fit_tokens']} tokens")
+            raw = fit_channel_means(model, dataset, list(layers) + (["final"] if final else []),
+                                    fit_tokens=quant["fit_tokens"], seed=seed, pad_id=pad_id,
+                                    batch_tokens=batch_tokens, max_batch_size=max_batch_size, device=device)
+            means = {k: m @ rotations[k] if k in rotations else m for k, m in raw.items()}
+        write_quant_params(out / QUANT_FILE, rotations, means, {"plan": plan["fingerprint"]})
     if final and not (out / LM_HEAD_FILE).is_file():
-        write_lm_head(out / LM_HEAD_FILE, lm_head_of(model), {"plan": plan["fingerprint"]})
+        head = lm_head_of(model)
+        if quant and quant["rotate"]:
+            q = read_quant_params(out / QUANT_FILE)[0]["final"]  # float32: W Q has no exact bf16 form
+            head = LMHead(head.weight.detach().float().cpu() @ q, head.bias)
+        write_lm_head(out / LM_HEAD_FILE, head, {"plan": plan["fingerprint"]})
     if plan["content"]["lowrank"] and not (out / LOWRANK_FILE).is_file():
         print(f"[cache] fitting low-rank bases on ~{fit_tokens} tokens")
         bases, report = fit_lowrank(model, dataset, layers, k=lowrank_k, energy=lowrank_energy, fit_tokens=fit_tokens,

@@ -13,7 +13,14 @@ Layout of a store folder (written by `./run.sh cache`: stages/cache.py, pipeline
                                       reads, so a flipped bit is an error naming the shard, never a silent wrong target
     shards/unit-NNNNN.json        written after its shard: the shard's sha256, sizes, and the plan it belongs to
     lowrank.safetensors           basis.<layer> float32 [d, k], mean.<layer> float32 [d] (optional)
-    lm_head.safetensors           weight [V, d] of the teacher's LM head (when "final" is stored)
+    lm_head.safetensors           weight [V, d] of the teacher's LM head (when "final" is stored; rotated with the
+                                  final state's matrix in a rotated store, so exact logits stay exact)
+    quant.safetensors             rotation.<layer> float32 [d, d] (with --rotate), mean.<layer> float32 [d] (the
+                                  per-channel mean subtracted before quantizing, in stored coordinates)
+
+Quantized stores (`--quant`, format version 2; pipeline/features/quant.py): `feat.<layer>` holds the codes (int8,
+float8_e4m3fn, or uint8 with two int4 codes a byte) and `scale.<layer>` bf16 [n_tokens, groups] their scales; the
+manifest's `quant` says how to decode. Unquantized stores stay format version 1, byte for byte as before.
 
 Why per-sample CRCs besides per-shard sha256: a DataLoader worker reads a few samples of many shards; hashing a
 whole shard on first touch would read the store once per worker, while CRC32 (~2.5 GB/s per core) of the rows
@@ -40,12 +47,15 @@ from pipeline.runtime import DTYPES  # noqa: F401  (the store's dtype names are 
 
 KIND = "geokd.features"
 FORMAT_VERSION = 1
+QUANT_FORMAT_VERSION = 2  # a store an older reader must refuse: its feat.<layer> tensors are codes, not features
 SHARD_FORMAT = "geokd.features.shard/1"
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 SHARD_DIR = "shards"
 LOWRANK_FILE = "lowrank.safetensors"
 LM_HEAD_FILE = "lm_head.safetensors"
+QUANT_FILE = "quant.safetensors"
+SIDE_FILES = {"lowrank": LOWRANK_FILE, "lm_head": LM_HEAD_FILE, "quant_params": QUANT_FILE}  # manifest key -> file
 
 TOKEN_RULE = (
     "every token of each sample, prompt and response, in TokenDataset order and without padding: "
@@ -178,7 +188,7 @@ def verify_files(path: str | Path, manifest: dict[str, Any]) -> list[str]:
     """Problems found in a store's files (empty when sound): sha256 of every shard and side file, shard structure."""
     path, problems = Path(path), []
     files = [(s["file"], s["sha256"], s["bytes"]) for s in manifest["shards"]]
-    for side in ("lowrank", "lm_head"):
+    for side in SIDE_FILES:
         if manifest.get(side):
             files.append((manifest[side]["file"], manifest[side]["sha256"], manifest[side]["bytes"]))
     for name, sha, size in files:
@@ -228,3 +238,20 @@ def write_lm_head(path: str | Path, head: LMHead, metadata: dict[str, Any]) -> N
 def read_lm_head(path: str | Path) -> LMHead:
     f = open_safetensors(Path(path))
     return LMHead(f.get_tensor("weight"), f.get_tensor("bias") if "bias" in f.keys() else None)
+
+
+def write_quant_params(path: str | Path, rotations: dict[Layer, Tensor], means: dict[Layer, Tensor],
+                       metadata: dict[str, Any]) -> None:
+    """quant.safetensors: `rotation.<layer>` [d, d], the orthogonal matrix a layer's rows were multiplied by, and
+    `mean.<layer>` [d], the mean then subtracted (float32 both; either may be absent)."""
+    tensors = {f"rotation.{layer_key(k)}": q for k, q in rotations.items()}
+    tensors.update({f"mean.{layer_key(k)}": m for k, m in means.items()})
+    save_tensors(path, tensors, metadata)
+
+
+def read_quant_params(path: str | Path) -> tuple[dict[Layer, Tensor], dict[Layer, Tensor]]:
+    """(rotations, means) from quant.safetensors."""
+    f = open_safetensors(Path(path))
+    part = lambda prefix: {parse_layer(k[len(prefix):]): f.get_tensor(k)  # noqa: E731
+                           for k in f.keys() if k.startswith(prefix)}
+    return part("rotation."), part("mean.")

@@ -16,9 +16,10 @@ import torch
 
 from pipeline.errors import StoreError
 from pipeline.features.format import (
-    FORMAT_VERSION, KIND, LM_HEAD_FILE, LOWRANK_FILE, MANIFEST, PLAN, SHARD_DIR, TOKEN_RULE, read_lowrank_report,
-    shard_file, sidecar_file,
+    FORMAT_VERSION, KIND, LOWRANK_FILE, MANIFEST, PLAN, QUANT_FORMAT_VERSION, SHARD_DIR, SIDE_FILES, TOKEN_RULE,
+    read_lowrank_report, shard_file, sidecar_file,
 )
+from pipeline.features.quant import QuantSpec
 from pipeline.io import read_json, sha256_file, sha256_json, write_json_atomic
 
 PLAN_KIND = "geokd.features.plan"
@@ -96,7 +97,7 @@ def check_output_folder(out: Path, plan: dict[str, Any]) -> str:
         return "resume"
     # Complete by its manifest: still, a truncated or missing file must not be taken for a finished store.
     manifest = read_json(out / MANIFEST)
-    files = list(manifest.get("shards", [])) + [manifest[k] for k in ("lowrank", "lm_head") if manifest.get(k)]
+    files = list(manifest.get("shards", [])) + [manifest[k] for k in SIDE_FILES if manifest.get(k)]
     damaged = [f"{f['file']} ({'missing' if not (out / f['file']).is_file() else 'size differs'})" for f in files
                if not (out / f["file"]).is_file() or (out / f["file"]).stat().st_size != f["bytes"]]
     if damaged:
@@ -164,7 +165,7 @@ def finalize_store(out: Path, plan: dict[str, Any], *, config: dict[str, Any], w
     c, info = plan["content"], plan["info"]
     n_tokens = sum(s["n_tokens"] for s in shards)
     manifest: dict[str, Any] = {
-        "kind": KIND, "format_version": FORMAT_VERSION,
+        "kind": KIND, "format_version": QUANT_FORMAT_VERSION if c.get("quant") else FORMAT_VERSION,
         "teacher": {"fingerprint": c["teacher_fingerprint"], **info["teacher"]},
         "tokenizer_fingerprint": c["tokenizer_fingerprint"],
         "data": {"fingerprint": c["data_fingerprint"], "split": c["split"], "path": info["data_path"]},
@@ -174,7 +175,17 @@ def finalize_store(out: Path, plan: dict[str, Any], *, config: dict[str, Any], w
         "n_samples": sum(s["n_samples"] for s in shards), "n_tokens": n_tokens,
         "shards": shards, "plan_fingerprint": plan["fingerprint"],
     }
-    for side, file in (("lowrank", LOWRANK_FILE), ("lm_head", LM_HEAD_FILE)):
+    if c.get("quant"):
+        q = c["quant"]
+        manifest["quant"] = {**QuantSpec(q["kind"], q["group"], q["rotate"], q["fit_tokens"] > 0).to_json(),
+                             "seed": q["seed"], "fit_tokens": q["fit_tokens"],
+                             "decode": "y = codes x scale.<layer> per group of `group` channels (0: per token; "
+                                       "int4: two codes a byte, low nibble first, offset 8) + mean.<layer>; "
+                                       "rows = y, or y Q^T in the teacher's channels (rotation.<layer>); both "
+                                       "tensors in quant.safetensors when used"}
+    for side, file in SIDE_FILES.items():
+        if side == "quant_params" and not c.get("quant"):
+            continue  # the key exists only in quantized stores, so other manifests read as before
         manifest[side] = None
         if (out / file).is_file():
             manifest[side] = {"file": file, "sha256": sha256_file(out / file), "bytes": (out / file).stat().st_size}
@@ -207,6 +218,12 @@ def summary(manifest: dict[str, Any], wall_s: float, computed_tokens: int | None
     for name, b in st["bytes_per_token"].items():
         if not name.startswith("crc."):
             lines.append(f"  {name:<14} {b:10.1f} bytes/token")
+    if q := manifest.get("quant"):
+        stored = sum(b for k, b in st["bytes_per_token"].items() if k.startswith(("feat.", "scale.")))
+        bf16 = sum(2 * d["d"] for d in manifest["dims"].values())
+        lines.append(f"  quantized {q['kind']}, " + (f"groups of {q['group']} channels" if q["group"] else
+                                                      "one scale per token") + (", rotated" if q["rotated"] else "")
+                     + f": {stored:.0f} bytes/token for the features, {bf16 / max(stored, 1e-9):.2f}x fewer than bf16")
     for layer, r in (manifest.get("lowrank") or {}).get("layers", {}).items():
         lines.append(f"  low-rank layer {layer}: k={r['k']} of d={r['d']}"
                      + (f" ({r['k_principal']} principal + {r['k_outlier']} for {r['outlier_tokens']} outlier "
@@ -217,6 +234,10 @@ def summary(manifest: dict[str, Any], wall_s: float, computed_tokens: int | None
     return "\n".join(lines)
 
 
-def storage_estimate(n_tokens: int, dims: dict[str, dict[str, int]], store_dtype: torch.dtype, topk: int) -> int:
-    per_token = sum(d["d"] for d in dims.values()) * (torch.finfo(store_dtype).bits // 8) + topk * 8
-    return n_tokens * per_token
+def storage_estimate(n_tokens: int, dims: dict[str, dict[str, int]], store_dtype: torch.dtype, topk: int,
+                     quant: QuantSpec | None = None) -> int:
+    if quant is not None:
+        per_token = sum(quant.bytes_per_row(d["d"]) for d in dims.values()) + topk * 8
+    else:
+        per_token = sum(d["d"] for d in dims.values()) * (torch.finfo(store_dtype).bits // 8) + topk * 8
+    return int(n_tokens * per_token)

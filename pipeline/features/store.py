@@ -14,9 +14,10 @@ from torch import Tensor
 
 from pipeline.errors import StoreError
 from pipeline.features.format import (
-    DTYPES, FORMAT_VERSION, KIND, MANIFEST, PLAN, Layer, crc32, layer_key, open_safetensors, parse_layer,
-    read_lm_head, read_lowrank, read_shard_index, verify_files,
+    DTYPES, FORMAT_VERSION, KIND, MANIFEST, PLAN, QUANT_FILE, QUANT_FORMAT_VERSION, Layer, crc32, layer_key,
+    open_safetensors, parse_layer, read_lm_head, read_lowrank, read_quant_params, read_shard_index, verify_files,
 )
+from pipeline.features.quant import QuantSpec, dequantize
 from pipeline.io import read_json
 from pipeline.models.teacher import LMHead
 
@@ -31,10 +32,16 @@ class FeatureStore:
     true norm (centred coefficients would change which rows count as massive); `reconstruct=False` returns the
     k coefficients themselves (the same D_P / D_FG / CKA over all tokens: the distances are invariant to
     rotations of the teacher's space and remove the mean).
+
+    Quantized stores: `get` returns codes x scales + mean in the manifest's `dtype`; a rotated store's rows stay
+    rotated
+    (x Q: what training needs, and its `lm_head` is rotated to match) unless `unrotate=True`, which multiplies
+    back by Q^T for readers of real channels (`analyze`).
     """
 
     def __init__(
-        self, path: str | Path, *, verify: bool = False, reconstruct: bool = True, check_samples: bool = True
+        self, path: str | Path, *, verify: bool = False, reconstruct: bool = True, check_samples: bool = True,
+        unrotate: bool = False,
     ) -> None:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
@@ -43,9 +50,9 @@ class FeatureStore:
                 self.path / PLAN).is_file() else ""
             raise StoreError(f"{self.path}: no {MANIFEST}, not a finished feature store{hint}")
         m = read_json(manifest_path)
-        if m.get("kind") != KIND or m.get("format_version") != FORMAT_VERSION:
+        if m.get("kind") != KIND or m.get("format_version") not in (FORMAT_VERSION, QUANT_FORMAT_VERSION):
             raise StoreError(f"{manifest_path}: kind {m.get('kind')!r} version {m.get('format_version')!r}, "
-                             f"expected {KIND!r} version {FORMAT_VERSION}")
+                             f"expected {KIND!r} version {FORMAT_VERSION} or {QUANT_FORMAT_VERSION}")
         self.manifest: dict[str, Any] = m
         self.layers: list[Layer] = [parse_layer(k) for k in m["layers"]]
         self.dtype: torch.dtype = DTYPES[m["dtype"]]
@@ -57,6 +64,9 @@ class FeatureStore:
             self.verify()
         self._build_index()
         self._lowrank = self._load_lowrank()
+        self.quant = QuantSpec.from_json(m["quant"]) if m.get("quant") else None
+        rotations, self._means = read_quant_params(self.path / QUANT_FILE) if self.quant else ({}, {})
+        self._unrotate = {k: q.T.contiguous() for k, q in rotations.items()} if unrotate else {}
         self._handles: dict[int, Any] = {}
         self._pid = os.getpid()
 
@@ -176,7 +186,11 @@ class FeatureStore:
             if layer not in self.layers:
                 raise KeyError(f"layer {layer!r} is not in feature store {self.path} (has {self.layers})")
             t = self._read(s, r, a, b, f"feat.{layer_key(layer)}", sample_id)
-            if self.reconstruct and layer in self._lowrank:
+            if self.quant is not None:
+                t = dequantize(t, self._read(s, r, a, b, f"scale.{layer_key(layer)}", sample_id), self.quant)
+                t = t + self._means[layer] if layer in self._means else t
+                t = (t @ self._unrotate[layer] if layer in self._unrotate else t).to(self.dtype)
+            elif self.reconstruct and layer in self._lowrank:
                 basis, mean = self._lowrank[layer]
                 t = t.float() @ basis.T + mean
             out[layer] = t
@@ -194,11 +208,15 @@ class FeatureStore:
         return self._lowrank.get(layer)
 
     def lm_head(self) -> LMHead:
-        """The teacher's LM head: exact teacher logits are `lm_head().logits(features["final"])`."""
+        """The teacher's LM head: exact teacher logits are `lm_head().logits(features["final"])` (rotated like
+        the final state it is given)."""
         info = self.manifest.get("lm_head")
         if not info:
             raise StoreError(f"{self.path}: no LM-head weight stored (cache with --final)")
-        return read_lm_head(self.path / info["file"])
+        head = read_lm_head(self.path / info["file"])
+        if "final" in self._unrotate:  # (W Q) Q^T = W
+            head = LMHead(head.weight @ self._unrotate["final"], head.bias)
+        return head
 
     def lm_head_weight(self) -> Tensor:
         """The teacher's LM-head weight [V, d]."""
