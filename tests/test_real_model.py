@@ -98,7 +98,8 @@ def test_a_student_of_the_teacher_s_first_layers_computes_the_teacher_s_hidden_s
 
 @pytest.fixture(scope="module")
 def real_run(smollm2, shared_data, tmp_path_factory) -> dict[str, Path]:
-    """prepare (32 Dolly records), cache (layers 20, 30, final; full and low-rank), a 2-layer student."""
+    """prepare (32 Dolly records), cache (layers 20, 30, final; full, low-rank and rotated int4), a 2-layer
+    student."""
     root = tmp_path_factory.mktemp("real")
     data = root / "dolly"
     stage("prepare", "--data", str(shared_data / "dolly_train_part1.jsonl"), "--out", str(data), "--tokenizer",
@@ -109,10 +110,13 @@ def real_run(smollm2, shared_data, tmp_path_factory) -> dict[str, Path]:
     low = root / "low"
     stage("cache", "--data", str(data), "--split", "valid", "--teacher", str(smollm2), "--out", str(low),
           "--layers", "20", "--lowrank_energy", "0.99", "--dtype", "fp32", "--progress", "false")
+    quant = root / "int4"
+    stage("cache", "--data", str(data), "--split", "valid", "--teacher", str(smollm2), "--out", str(quant),
+          "--layers", "20", "--final", "--quant", "int4", "--rotate", "--progress", "false")
     from pipeline.models.student_init import make_student
 
     make_student(smollm2, "0,29", root / "student")
-    return {"root": root, "data": data, "feat": feat, "low": low, "student": root / "student"}
+    return {"root": root, "data": data, "feat": feat, "low": low, "int4": quant, "student": root / "student"}
 
 
 def test_analyze_sees_the_spike_and_the_default_rule_removes_it(real_run):
@@ -159,6 +163,30 @@ def test_the_store_and_its_low_rank_form_are_faithful_on_the_real_teacher(real_r
         for rule in ({}, {"rule": ALL_TOKENS}):
             a, b = float(dist(student, rows_full, **rule)), float(dist(student, rows_low, **rule))
             assert abs(a - b) <= 0.02 * a, (dist.__name__, rule, a, b)
+
+
+def test_a_rotated_int4_store_keeps_the_massive_rows_and_the_logits(real_run):
+    """The harshest quantized store on the real teacher: the rule leaves out the same rows (the massive first
+    tokens, ~100x the median at layer 20), and exact KD through the rotated head stays close."""
+    from pipeline.data.prepared import PreparedData
+    from pipeline.features.store import FeatureStore
+    from pipeline.geometry import DEFAULT_TOKEN_RULE
+
+    tokens = PreparedData(real_run["data"]).split("valid")
+    full, rot, real = (FeatureStore(real_run["feat"]), FeatureStore(real_run["int4"]),
+                       FeatureStore(real_run["int4"], unrotate=True))
+    ids = [int(s) for s in tokens.sample_ids]
+    x, y, z = (torch.cat([st.get(s)[20].float() for s in ids]) for st in (full, rot, real))
+    first = torch.as_tensor(tokens._offsets[:-1])
+    assert bool(torch.equal(DEFAULT_TOKEN_RULE.select(x)[0], DEFAULT_TOKEN_RULE.select(y)[0]))
+    assert DEFAULT_TOKEN_RULE.select(y)[1] == len(ids)  # one massive first token per sample, as stored exactly
+    rel = (z[first] - x[first]).norm(dim=1) / x[first].norm(dim=1)
+    assert float(rel.max()) < 0.15
+    head_x, head_r = full.lm_head(), rot.lm_head()
+    for s in ids[:4]:
+        p = head_x.logits(full.get(s)["final"]).float().log_softmax(-1)
+        q = head_r.logits(rot.get(s)["final"].float()).float().log_softmax(-1)
+        assert float((p.exp() * (p - q)).sum(-1).mean()) < 0.1  # KL, nats per token (measured ~0.04)
 
 
 def test_train_and_eval_a_llama_student_on_stored_real_features(real_run, smollm2):
