@@ -18,7 +18,8 @@ class CacheConfig:
     final: bool = field(default=False, metadata={"help": "also store the LM head's input (exact logits via the "
                                                           "LM-head weight saved beside the store)"})
     topk_logits: int = field(default=0, metadata={"help": "also store the top-k teacher log-probabilities"})
-    dtype: str = field(default="bf16", metadata={"help": "stored dtype: bf16, fp16 or fp32 (or bfloat16, ...)"})
+    dtype: str = field(default="bf16", metadata={"help": "stored dtype: bf16, fp16 or fp32 (or bfloat16, ...); "
+                                                            "with --quant, the dtype reads come back in"})
     teacher_dtype: str = field(default="auto", metadata={"help": "compute dtype; auto = bf16 on GPU, fp32 on CPU"})
     quant: str = field(default="", metadata={"help": "store quantized codes: int8, fp8 or int4 (per-group bf16 "
                                                      "scales; read back in --dtype)"})
