@@ -49,7 +49,7 @@ def batches(prepared: Path, store: FeatureStore, layer: int):
 @torch.no_grad()
 def main(prepared: Path, teacher: Path, out: Path, student_dir: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    full = cache(prepared, teacher, out / "full", [])
+    full = cache(prepared, teacher, out / "full", ["--quant", "none"])
     stores = {name: cache(prepared, teacher, out / name.replace(" ", "_").replace("/", ""), args)
               for name, args in VARIANTS.items()}
     student = load_model(str(student_dir)).eval()

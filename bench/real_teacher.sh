@@ -25,9 +25,9 @@ step get_model ./run.sh get-model smollm2-135m-instruct --out models/smollm2
 step prepare ./run.sh prepare --data "$D/dolly_train_part1.jsonl" --out "$OUT/dolly" --tokenizer models/smollm2 \
     --limit $(( SAMPLES + 100 )) --valid_size 100 --max_len 384 --max_prompt_len 256
 OMP_NUM_THREADS=2 step cache_train ./run.sh cache --data "$OUT/dolly" --teacher models/smollm2 --out "$OUT/feat" \
-    --layers 20 30 --final --progress false
+    --layers 20 30 --final --quant none --progress false
 OMP_NUM_THREADS=2 step cache_valid ./run.sh cache --data "$OUT/dolly" --split valid --teacher models/smollm2 \
-    --out "$OUT/feat_valid" --layers 20 30 --final --progress false
+    --out "$OUT/feat_valid" --layers 20 30 --final --quant none --progress false
 
 common=(--data "$OUT/dolly" --student "$OUT/student_init" --max_steps "$STEPS" --micro_batch_size 8 --lr 2e-4
         --seed "$SEED" --eval_samples 100 --num_workers 0 --progress false --checkpoint_every 50)

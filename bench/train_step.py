@@ -178,7 +178,8 @@ def main() -> None:
     feat = work / f"features-top32-{Path(args.teacher).name.replace(':', '_')}-{'-'.join(map(str, args.layers))}"
     if not (feat / "manifest.json").is_file():
         run([py, "-m", "stages.cache", "--data", str(prep), "--teacher", args.teacher, "--out", str(feat),
-             "--layers", *map(str, args.layers), "--final", "--topk_logits", "32", "--progress", "false"])
+             "--layers", *map(str, args.layers), "--final", "--topk_logits", "32", "--quant", "none",
+             "--progress", "false"])
     pairs = [f"{s}:{t}" for s, t in zip(args.student_layers, args.layers)]
     results: dict[str, dict] = {}
     for rep in range(args.repeats):  # interleaved, so a slow spell of a shared machine hits every mode alike

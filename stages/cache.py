@@ -1,6 +1,6 @@
 """Stage `cache`: run the teacher once over prepared data and store its hidden states as verified shards.
 
-    ./run.sh cache --data PREPARED_DIR --teacher MODEL_DIR_OR_PRESET --out DIR --layers 2 4 --final --dtype bf16
+    ./run.sh cache --data PREPARED_DIR --teacher MODEL_DIR_OR_PRESET --out DIR --layers 2 4 --final
     ./run.sh cache --verify --out DIR          hash every file of a finished store against its manifest
     ./run.sh cache --finalize --out DIR        write the manifest of a store whose units are all cached
 
@@ -26,7 +26,7 @@ from pipeline.features import cache, plan as store_plan
 from pipeline.features.config import CacheConfig
 from pipeline.features.format import DTYPES, LOWRANK_FILE, MANIFEST, PLAN, QUANT_FILE, read_quant_params, verify_files
 from pipeline.features.lowrank import load_lowrank
-from pipeline.features.quant import QuantSpec, check_spec
+from pipeline.features.quant import QuantSpec, check_spec, default_group
 from pipeline.features.store import FeatureStore
 from pipeline.io import read_json, sha256_file
 from pipeline.models import model_fingerprint
@@ -69,7 +69,10 @@ def run(cfg: CacheConfig) -> int:
         say(f"[cache] note: {teacher_dir} has no tokenizer files; only its vocabulary size and special token ids "
             f"were checked against the prepared data's tokenizer")
     dims = cache.probe_dims(model, cfg.layers, cfg.final, input_device)
-    quant = QuantSpec(cfg.quant, cfg.quant_group, cfg.rotate, cfg.quant_fit_tokens > 0) if cfg.quant else None
+    quant = None
+    if cfg.quant != "none":
+        group = cfg.quant_group if cfg.quant_group >= 0 else default_group(cfg.quant, [d["d"] for d in dims.values()])
+        quant = QuantSpec(cfg.quant, group, cfg.rotate, cfg.quant_fit_tokens > 0)
     for layer, d in dims.items() if quant else ():
         if (why := check_spec(quant.kind, quant.group, d["d"], f"layer {layer}")) is not None:
             raise ConfigError(f"--quant {quant.kind} --quant_group {quant.group}: {why}")

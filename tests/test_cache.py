@@ -94,16 +94,20 @@ def test_features_match_the_teacher_and_feed_dataloader_workers(reference, prepa
     store = FeatureStore(reference)
     store.check_compatible(teacher_fingerprint=model_fingerprint(tiny_pair.teacher), data_fingerprint=data.fingerprint,
                            tokenizer_fingerprint=data.tokenizer_fingerprint, layers=[0, 1])
+    # The default store: int8 codes after a rotation, read back in bf16.
     assert store.manifest["dtype"] == "bf16" and store.layers == [0, 1]
+    assert store.manifest["quant"]["kind"] == "int8" and store.manifest["quant"]["rotated"]
+    real = FeatureStore(reference, unrotate=True)
     for pos in (0, 137, len(tokens) - 1):  # each sample alone, unpadded: the store must hold the same rows
         item = tokens[pos]
         ids = item["input_ids"][None]
         with torch.no_grad():
             want = capture_hidden_states(teacher, ids, torch.ones_like(ids), [0, 1])
-        got = store.get(item["sample_id"])
+        got = real.get(item["sample_id"])
         for layer in (0, 1):
             assert got[layer].shape == want[layer][0].shape
-            torch.testing.assert_close(got[layer].float(), want[layer][0], atol=0.05, rtol=0.02)
+            rel = (got[layer].float() - want[layer][0]).norm(dim=1) / want[layer][0].norm(dim=1)
+            assert float(rel.max()) < 0.015, (layer, float(rel.max()))  # int8 with bf16 reads: ~0.6%
 
     ds = FeatureDataset(tokens, store, layers=[1])
     pad = data.tokenizer().pad_token_id
@@ -125,7 +129,7 @@ def test_final_state_topk_and_lowrank(prepared_tiny, tiny_pair, tmp_path):
     full, low = tmp_path / "full", tmp_path / "low"
     common = ["--split", "valid", "--progress", "false", "--shard_tokens", "1500"]
     assert main(cache_args(prepared_tiny, tiny_pair.teacher, full, "--layers", "2", "--final", "--topk_logits", "5",
-                           "--dtype", "fp32", *common)) == 0
+                           "--dtype", "fp32", "--quant", "none", *common)) == 0
     assert main(cache_args(prepared_tiny, tiny_pair.teacher, low, "--layers", "2", "--lowrank_k", "16",
                            "--dtype", "fp32", *common)) == 0
     tokens = PreparedData(prepared_tiny).split("valid")
@@ -235,7 +239,7 @@ def test_an_untied_llama_head_is_stored_and_gives_exact_logits(prepared_tiny, tm
     tok.save_pretrained(tmp_path / "llama")
     out = tmp_path / "store"
     assert main(cache_args(prepared_tiny, tmp_path / "llama", out, "--layers", "2", "--final", "--split", "valid",
-                           "--dtype", "fp32", "--progress", "false")) == 0
+                           "--dtype", "fp32", "--quant", "none", "--progress", "false")) == 0
     store = FeatureStore(out)
     assert torch.equal(store.lm_head_weight(), model.lm_head.weight.detach())
     item = PreparedData(prepared_tiny).split("valid")[0]

@@ -90,12 +90,14 @@ def test_rotation_leaves_every_distance_the_rule_and_exact_logits_unchanged():
 
 @pytest.fixture(scope="module")
 def quant_stores(prepared_tiny, tiny_pair, tmp_path_factory):
-    """The valid split at layer 2 and the final state: fp32, int8 and fp8 (centred), int4 rotated (centred)."""
+    """The valid split at layer 2 and the final state: exact fp32, int8 and fp8 (centred, not rotated), and the
+    default store's int4 counterpart (rotated, centred)."""
     root = tmp_path_factory.mktemp("quant")
     common = ["--data", str(prepared_tiny), "--teacher", str(tiny_pair.teacher), "--split", "valid",
               "--layers", "2", "--final", "--progress", "false", "--shard_tokens", "1500"]
-    for name, extra in (("fp32", ["--dtype", "fp32"]), ("int8", ["--quant", "int8", "--dtype", "fp32"]),
-                        ("fp8", ["--quant", "fp8"]), ("int4rot", ["--quant", "int4", "--rotate"])):
+    for name, extra in (("fp32", ["--dtype", "fp32", "--quant", "none"]),
+                        ("int8", ["--quant", "int8", "--rotate", "false", "--dtype", "fp32"]),
+                        ("fp8", ["--quant", "fp8", "--rotate", "false"]), ("int4rot", ["--quant", "int4"])):
         assert cache(common + ["--out", str(root / name), *extra]) == 0
     return root
 
@@ -144,8 +146,8 @@ def test_quantized_stores_read_back_the_teachers_features(quant_stores, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--quant", "int3"], "--quant 'int3': choose int8, fp8, int4"),
-    (["--rotate"], "--rotate and --quant_group apply to quantized stores"),
+    (["--quant", "int3"], "--quant 'int3': choose int8, fp8, int4, none or auto"),
+    (["--quant", "none", "--quant_group", "32"], "--quant_group applies to quantized stores"),
     (["--quant", "int8", "--lowrank_k", "4"], "--quant and low-rank storage do not combine"),
     (["--quant", "int4", "--quant_group", "48"], "layer 2 has width 128, not a multiple of the quantization group 48"),
 ])

@@ -66,7 +66,8 @@ def gemma_run(gemma3, shared_data, tmp_path_factory) -> dict[str, Path]:
           str(gemma3), "--limit", "16", "--valid_size", "8", "--max_len", "96", "--max_prompt_len", "64")
     feat = root / "feat"
     stage("cache", "--data", str(data), "--split", "valid", "--teacher", str(gemma3), "--out", str(feat),
-          "--layers", "9", "18", "--final", "--topk_logits", "8", "--dtype", "fp32", "--progress", "false")
+          "--layers", "9", "18", "--final", "--topk_logits", "8", "--dtype", "fp32", "--quant", "none",
+          "--progress", "false")
     stage("make_student", "--teacher", str(gemma3), "--layers", "0,1,17", "--out", str(root / "student"))
     return {"root": root, "data": data, "feat": feat, "student": root / "student"}
 

@@ -106,7 +106,7 @@ def real_run(smollm2, shared_data, tmp_path_factory) -> dict[str, Path]:
           str(smollm2), "--limit", "32", "--valid_size", "16", "--max_len", "128", "--max_prompt_len", "96")
     feat = root / "feat"
     stage("cache", "--data", str(data), "--split", "valid", "--teacher", str(smollm2), "--out", str(feat),
-          "--layers", "20", "30", "--final", "--dtype", "fp32", "--progress", "false")
+          "--layers", "20", "30", "--final", "--dtype", "fp32", "--quant", "none", "--progress", "false")
     low = root / "low"
     stage("cache", "--data", str(data), "--split", "valid", "--teacher", str(smollm2), "--out", str(low),
           "--layers", "20", "--lowrank_energy", "0.99", "--dtype", "fp32", "--progress", "false")

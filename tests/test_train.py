@@ -99,7 +99,8 @@ def stores(prepared_tiny, tiny_pair, tmp_path_factory):
     root = tmp_path_factory.mktemp("stores")
     saved = dict(os.environ)
     try:
-        for name, split, extra in (("train", "train", ["--topk_logits", "8"]), ("valid", "valid", []),
+        for name, split, extra in (("train", "train", ["--topk_logits", "8", "--quant", "none"]),
+                                   ("valid", "valid", ["--quant", "none"]),
                                    ("int8_rotated", "train", ["--quant", "int8", "--rotate"])):
             assert cache(["--data", str(prepared_tiny), "--teacher", str(tiny_pair.teacher), "--split", split,
                           "--out", str(root / name), "--layers", "2", "4", "--final", "--dtype", "fp32",

@@ -76,7 +76,8 @@ def default_teacher_layers(student: str, teacher: str) -> list[int]:
 def cache_for(data: Path, teacher_dir: Path, layers: list[int], out: Path, log: Path) -> dict[str, Path]:
     """The teacher's features once, for every student: the given layers and the teacher logits KD reads (the
     final state for exact KD, or top-k log-probabilities for a large vocabulary: `default_kd_source`), for the
-    train and valid splits."""
+    train and valid splits. Exact fp32 stores (`--quant none`): the built-in experiments are tiny, and their
+    reference tables should not carry the default int8 store's 0.5% of target noise."""
     from pipeline.io import read_json
     from pipeline.train.objective import DEFAULT_TOPK, default_kd_source
 
@@ -87,7 +88,8 @@ def cache_for(data: Path, teacher_dir: Path, layers: list[int], out: Path, log: 
     for split in ("train", "valid"):
         features[split] = out / split
         run_step(["stages.cache", "--data", str(data), "--split", split, "--teacher", str(teacher_dir),
-                  "--out", str(features[split]), "--layers", *map(str, layers), *logits, "--dtype", "fp32"], log)
+                  "--out", str(features[split]), "--layers", *map(str, layers), *logits, "--dtype", "fp32",
+                  "--quant", "none"], log)
     return features
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.errors import ConfigError
-from pipeline.features.quant import DEFAULT_GROUP, QMAX
+from pipeline.features.quant import QMAX
 from pipeline.runtime import dtype_name
 
 
@@ -21,13 +21,16 @@ class CacheConfig:
     dtype: str = field(default="bf16", metadata={"help": "stored dtype: bf16, fp16 or fp32 (or bfloat16, ...); "
                                                             "with --quant, the dtype reads come back in"})
     teacher_dtype: str = field(default="auto", metadata={"help": "compute dtype; auto = bf16 on GPU, fp32 on CPU"})
-    quant: str = field(default="", metadata={"help": "store quantized codes: int8, fp8 or int4 (per-group bf16 "
-                                                     "scales; read back in --dtype)"})
-    quant_group: int = field(default=-1, metadata={"help": "channels per scale; -1 = the kind's default (int8/fp8 "
-                                                           "64, int4 32), 0 = one scale per token"})
-    rotate: bool = field(default=False, metadata={"help": "rotate each layer by a seeded orthogonal matrix before "
-                                                          "quantizing (spreads massive channels; distances unchanged)"})
-    quant_fit_tokens: int = field(default=20_000, metadata={"help": "tokens sampled to fit the per-channel means "
+    quant: str = field(default="auto", metadata={"help": "int8, fp8 or int4: store codes with per-group bf16 "
+                                                         "scales, read back in --dtype; none: store --dtype itself; "
+                                                         "auto: int8 (none with low-rank storage)"})
+    quant_group: int = field(default=-1, metadata={"help": "channels per scale, 0 = one per token; -1: the kind's "
+                                                           "default (int8/fp8 64, int4 32), or the largest power of "
+                                                           "two below it dividing every stored width"})
+    rotate: bool = field(default=True, metadata={
+        "help": "rotate each layer by a seeded orthogonal matrix before quantizing (spreads massive channels; "
+                "distances unchanged); fp8 measured better without (--rotate false); no effect with --quant none"})
+    quant_fit_tokens: int = field(default=4096, metadata={"help": "tokens sampled to fit the per-channel means "
                                                                    "subtracted before quantizing; 0 = none"})
     lowrank_k: int = field(default=0, metadata={"help": "store k PCA coefficients per token for each layer"})
     lowrank_energy: float = field(default=0.0, metadata={"help": "or the least k keeping this variance fraction"})
@@ -62,19 +65,20 @@ class CacheConfig:
             raise ConfigError("give --lowrank_k or --lowrank_energy, not both")
         if not 0.0 <= self.lowrank_energy <= 1.0 or self.lowrank_k < 0:
             raise ConfigError("--lowrank_energy must be in (0, 1] and --lowrank_k >= 0")
-        if self.quant:
-            if self.quant not in QMAX:
-                raise ConfigError(f"--quant {self.quant!r}: choose {', '.join(QMAX)} (or leave it out for --dtype)")
-            if self.lowrank_k or self.lowrank_energy:
-                raise ConfigError("--quant and low-rank storage do not combine: choose one")
-            if self.quant_group == -1:
-                self.quant_group = DEFAULT_GROUP[self.quant]
-            if self.quant_group < 0:
+        lowrank = bool(self.lowrank_k or self.lowrank_energy)
+        if self.quant == "auto":  # BENCHMARKS.md, "A quantized feature store": students cannot tell int8 from bf16
+            self.quant = "none" if lowrank else "int8"
+        if self.quant not in (*QMAX, "none"):
+            raise ConfigError(f"--quant {self.quant!r}: choose {', '.join(QMAX)}, none or auto")
+        if self.quant != "none":
+            if lowrank:
+                raise ConfigError("--quant and low-rank storage do not combine: choose one (--quant none)")
+            if self.quant_group < -1:
                 raise ConfigError(f"--quant_group must be -1 (default), 0 (per token) or positive, got "
                                   f"{self.quant_group}")
             if self.quant_fit_tokens < 0:
                 raise ConfigError(f"--quant_fit_tokens must be >= 0, got {self.quant_fit_tokens}")
-        elif self.rotate or self.quant_group != -1:
-            raise ConfigError("--rotate and --quant_group apply to quantized stores: add --quant int8|fp8|int4")
+        elif self.quant_group != -1:
+            raise ConfigError("--quant_group applies to quantized stores, not --quant none")
         if (self.lowrank_k or self.lowrank_energy) and not self.layers:
             raise ConfigError("low-rank storage applies to --layers (the final state stays full for exact logits)")
