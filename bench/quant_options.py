@@ -63,7 +63,7 @@ def main(store_dir: Path, prepared: Path, student_dir: Path | None, out: Path | 
     joined = FeatureDataset(tokens, store, layers)
     batches = [collate_with_features([joined[p] for p in range(a, min(len(tokens), a + 8))], 0, torch.float32)
                for a in range(0, len(tokens), 8)]
-    head = store.lm_head()
+    head = store.lm_head() if "final" in store.layers else None
     student = load_model(str(student_dir)).eval() if student_dir else None
     result: dict[str, dict] = {}
     far_cache: dict[tuple[int, int], torch.Tensor] = {}  # (batch, student layer) -> hidden states, run once
