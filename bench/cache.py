@@ -45,15 +45,15 @@ def make_store(out: Path, model, ds, units, args, tok, lowrank_k: int = 0) -> tu
     plan = store_plan.make_plan(content, units, {"teacher": {"spec": args.teacher, "n_layers": 0, "vocab_size": 0},
                                                  "data_path": args.data, "dims": dims, "config": {}})
     store_plan.prepare_output_folder(out, plan, 0)
-    lowrank, lowrank_sha = {}, None
+    lowrank, side_sha = {}, None
     if lowrank_k:
         bases, report = fit_lowrank(model, ds, args.layers, k=lowrank_k, energy=0.0, fit_tokens=args.fit_tokens,
                                     seed=0, pad_id=tok.pad_token_id, batch_tokens=args.batch_tokens,
                                     max_batch_size=64, device=torch.device("cpu"))
         write_lowrank(out / LOWRANK_FILE, bases, {"plan": plan["fingerprint"], "report": report})
-        lowrank, lowrank_sha = load_lowrank(out / LOWRANK_FILE, torch.device("cpu")), sha256_file(out / LOWRANK_FILE)
+        lowrank, side_sha = load_lowrank(out / LOWRANK_FILE, torch.device("cpu")), sha256_file(out / LOWRANK_FILE)
     t0 = time.perf_counter()
-    cache.cache_units(model, ds, out, units, range(len(units)), plan_fp=plan["fingerprint"], lowrank_sha=lowrank_sha,
+    cache.cache_units(model, ds, out, units, range(len(units)), plan_fp=plan["fingerprint"], side_sha=side_sha,
                       layers=args.layers, final=False, topk=0, store_dtype=DTYPES[args.dtype], lowrank=lowrank,
                       pad_id=tok.pad_token_id, batch_tokens=args.batch_tokens, max_batch_size=64,
                       device=torch.device("cpu"))

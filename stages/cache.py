@@ -118,7 +118,9 @@ def run(cfg: CacheConfig) -> int:
         destroy_process_group()
         return 0
     lowrank = load_lowrank(out / LOWRANK_FILE, input_device) if content["lowrank"] else {}
-    lowrank_sha = sha256_file(out / LOWRANK_FILE) if content["lowrank"] else None
+    # Shards depend on the side file they were computed with: a rerun recomputes any unit made with another one.
+    side = LOWRANK_FILE if content["lowrank"] else QUANT_FILE if quant else None
+    side_sha = sha256_file(out / side) if side else None
     params = None
     if quant:
         params = tuple({k: v.to(input_device) for k, v in part.items()} for part in read_quant_params(out / QUANT_FILE))
@@ -126,13 +128,13 @@ def run(cfg: CacheConfig) -> int:
     # 4. This rank's units; finished ones are verified and kept.
     units = plan["units"]
     mine = list(range(dist.rank, n_units, dist.world_size))
-    todo = [u for u in mine if not cache.unit_done(out, u, plan["fingerprint"], lowrank_sha)]
+    todo = [u for u in mine if not cache.unit_done(out, u, plan["fingerprint"], side_sha)]
     tokens = lambda us: int(sum(dataset.lengths[units[u][0]:units[u][1]].sum() for u in us))  # noqa: E731
     say(f"[cache] {n_units} units, {len(mine) - len(todo)} of this rank's {len(mine)} already done"
         + (f"; rank 0 of {dist.world_size} shown" if dist.world_size > 1 else ""))
     bar = tqdm(total=tokens(mine), initial=tokens(mine) - tokens(todo), unit="tok", unit_scale=True,
                desc="cache", disable=not (dist.is_main and cfg.progress), dynamic_ncols=True, mininterval=1.0)
-    cache.cache_units(model, dataset, out, units, todo, plan_fp=plan["fingerprint"], lowrank_sha=lowrank_sha,
+    cache.cache_units(model, dataset, out, units, todo, plan_fp=plan["fingerprint"], side_sha=side_sha,
                       writers=cfg.writer_threads or cache.default_writer_threads(), layers=cfg.layers,
                       final=cfg.final, topk=cfg.topk_logits, store_dtype=DTYPES[cfg.dtype], lowrank=lowrank,
                       pad_id=tok.pad_token_id, batch_tokens=cfg.batch_tokens, max_batch_size=cfg.max_batch_size,

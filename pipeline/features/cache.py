@@ -117,14 +117,14 @@ def compute_unit(model: Any, dataset: Any, start: int, end: int, *, layers: Sequ
     }
 
 
-def write_unit(out: Path, unit: int, result: dict[str, Any], plan_fp: str, lowrank_sha: str | None) -> None:
+def write_unit(out: Path, unit: int, result: dict[str, Any], plan_fp: str, side_sha: str | None) -> None:
     """Shard first, then its sidecar: a sidecar exists only beside a complete shard and names its sha256."""
     path = out / shard_file(unit)
     write_shard(path, sample_ids=result["sample_ids"], offsets=result["offsets"], tensors=result["tensors"],
                 metadata={"unit": str(unit), "plan": plan_fp})
     ids = result["sample_ids"]
     sidecar = {
-        "unit": unit, "plan": plan_fp, "lowrank_sha256": lowrank_sha, "file": shard_file(unit),
+        "unit": unit, "plan": plan_fp, "side_sha256": side_sha, "file": shard_file(unit),
         "sha256": sha256_file(path), "bytes": path.stat().st_size,
         "n_samples": int(ids.numel()), "n_tokens": int(result["offsets"][-1]),
         "first_sample_id": int(ids[0]), "last_sample_id": int(ids[-1]),
@@ -145,7 +145,7 @@ def default_writer_threads() -> int:
 
 
 def cache_units(model: Any, dataset: Any, out: Path, units: Sequence[tuple[int, int]], todo: Sequence[int], *,
-                plan_fp: str, lowrank_sha: str | None, writers: int = 1, **unit_kwargs: Any) -> None:
+                plan_fp: str, side_sha: str | None, writers: int = 1, **unit_kwargs: Any) -> None:
     """Compute and write the units `todo`. Shards are written by `writers` threads while the teacher computes the
     next unit; at most `writers` finished units wait in memory. Each shard's bytes depend on its unit only, so
     the thread count never changes the store."""
@@ -155,12 +155,12 @@ def cache_units(model: Any, dataset: Any, out: Path, units: Sequence[tuple[int, 
             result = compute_unit(model, dataset, *units[u], **unit_kwargs)
             while len(pending) >= writers:
                 pending.popleft().result()
-            pending.append(pool.submit(write_unit, out, u, result, plan_fp, lowrank_sha))
+            pending.append(pool.submit(write_unit, out, u, result, plan_fp, side_sha))
         while pending:
             pending.popleft().result()
 
 
-def unit_done(out: Path, unit: int, plan_fp: str, lowrank_sha: str | None) -> bool:
+def unit_done(out: Path, unit: int, plan_fp: str, side_sha: str | None) -> bool:
     """True when the unit's shard is complete, belongs to this plan and hashes to what its sidecar says."""
     side, path = out / sidecar_file(unit), out / shard_file(unit)
     if not side.is_file() or not path.is_file():
@@ -169,7 +169,7 @@ def unit_done(out: Path, unit: int, plan_fp: str, lowrank_sha: str | None) -> bo
         info = read_json(side)
     except ValueError:  # a sidecar is written atomically, so this is damage: recompute the unit
         return False
-    return (info.get("plan") == plan_fp and info.get("lowrank_sha256") == lowrank_sha
+    return (info.get("plan") == plan_fp and info.get("side_sha256") == side_sha
             and path.stat().st_size == info.get("bytes") and sha256_file(path) == info.get("sha256"))
 
 
