@@ -34,9 +34,8 @@ class FeatureStore:
     rotations of the teacher's space and remove the mean).
 
     Quantized stores: `get` returns codes x scales + mean in the manifest's `dtype`; a rotated store's rows stay
-    rotated
-    (x Q: what training needs, and its `lm_head` is rotated to match) unless `unrotate=True`, which multiplies
-    back by Q^T for readers of real channels (`analyze`).
+    rotated (x Q: what training needs, and its `lm_head` is rotated to match) unless `unrotate=True`, which
+    multiplies back by Q^T for readers of real channels (`analyze`).
     """
 
     def __init__(
