@@ -88,8 +88,7 @@ def run(cfg: CacheConfig) -> int:
         "shard_tokens": cfg.shard_tokens, "batch_tokens": cfg.batch_tokens, "max_batch_size": cfg.max_batch_size,
     }
     if quant:  # only then: an unquantized plan, and so its shards, stay byte for byte what they were
-        content["quant"] = {"kind": quant.kind, "group": quant.group, "rotate": quant.rotated, "seed": cfg.seed,
-                            "fit_tokens": cfg.quant_fit_tokens}
+        content["quant"] = {**quant.to_json(), "seed": cfg.seed, "fit_tokens": cfg.quant_fit_tokens}
     info = {"teacher": {"spec": cfg.teacher, "n_layers": model.config.num_hidden_layers,
                         "vocab_size": model.config.vocab_size},
             "data_path": str(Path(cfg.data).resolve()), "dims": dims, "config": config_to_dict(cfg)}

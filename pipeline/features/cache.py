@@ -20,7 +20,7 @@ from pipeline.features.format import (
     LM_HEAD_FILE, LOWRANK_FILE, QUANT_FILE, layer_key, parse_layer, read_quant_params, shard_file, sidecar_file,
     write_lm_head, write_lowrank, write_quant_params, write_shard,
 )
-from pipeline.features.lowrank import LowRank, fit_lowrank, fit_positions
+from pipeline.features.lowrank import LowRank, fit_lowrank, fit_sample_states
 from pipeline.features.quant import QuantSpec, quantize, rotation_matrix
 from pipeline.features.plan import length_batches
 from pipeline.geometry import DEFAULT_TOKEN_RULE
@@ -186,13 +186,9 @@ def fit_channel_means(model: Any, dataset: Any, layers: Sequence[Any], *, fit_to
                       batch_tokens: int, max_batch_size: int, device: torch.device) -> dict[Any, Tensor]:
     """Per-channel means [d] (float32, CPU) of the rows the default token rule keeps, over a seeded sample of
     about `fit_tokens` tokens; `layers` may include "final". Sums run in float64 so batch order is immaterial."""
-    ints = [x for x in layers if x != "final"]
     sums: dict[Any, list] = {x: [0.0, 0] for x in layers}
-    for batch_pos in length_batches(dataset.lengths, fit_positions(dataset.lengths, fit_tokens, seed),
-                                    batch_tokens, max_batch_size):
-        batch = collate_batch([dataset[p] for p in batch_pos], pad_id)
-        mask = batch["attention_mask"].to(device).bool()
-        hs = capture_hidden_states(model, batch["input_ids"].to(device), mask, ints, final="final" in layers)
+    for hs, mask in fit_sample_states(model, dataset, layers, fit_tokens=fit_tokens, seed=seed, pad_id=pad_id,
+                                      batch_tokens=batch_tokens, max_batch_size=max_batch_size, device=device):
         for layer in layers:
             keep, _ = DEFAULT_TOKEN_RULE.select(hs[layer], mask)
             rows = hs[layer][keep].double()
@@ -212,7 +208,7 @@ def write_side_files(out: Path, plan: dict[str, Any], model: Any, dataset: Any, 
     a rotated store's head is rotated like its final state: (h Q)(W Q)^T = h W^T) and the low-rank bases."""
     quant = plan["content"].get("quant")
     if quant and not (out / QUANT_FILE).is_file():
-        rotations = rotations_for(plan["info"]["dims"], quant["seed"]) if quant["rotate"] else {}
+        rotations = rotations_for(plan["info"]["dims"], quant["seed"]) if quant["rotated"] else {}
         means = {}
         if quant["fit_tokens"]:
             print(f"[cache] fitting per-channel means on ~{quant['fit_tokens']} tokens")
@@ -223,7 +219,7 @@ def write_side_files(out: Path, plan: dict[str, Any], model: Any, dataset: Any, 
         write_quant_params(out / QUANT_FILE, rotations, means, {"plan": plan["fingerprint"]})
     if final and not (out / LM_HEAD_FILE).is_file():
         head = lm_head_of(model)
-        if quant and quant["rotate"]:
+        if quant and quant["rotated"]:
             q = read_quant_params(out / QUANT_FILE)[0]["final"]  # float32: W Q has no exact bf16 form
             head = LMHead(head.weight.detach().float().cpu() @ q, head.bias)
         write_lm_head(out / LM_HEAD_FILE, head, {"plan": plan["fingerprint"]})

@@ -13,7 +13,7 @@ the outliers' residual is below 1e-4 of their energy, at most 32).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from pipeline.data.prepared import collate_batch
 from pipeline.features.format import Layer, layer_key, read_lowrank
 from pipeline.features.plan import length_batches
 from pipeline.geometry import DEFAULT_TOKEN_RULE
-from pipeline.models import capture_hidden_states
+from pipeline.models import FINAL, capture_hidden_states
 
 OUTLIER_RESIDUAL = 1e-4  # outlier energy the extra directions may leave unrepresented
 MAX_OUTLIER_DIRECTIONS = 32
@@ -40,6 +40,20 @@ def fit_positions(lengths: np.ndarray, fit_tokens: int, seed: int) -> list[int]:
     return sorted(int(p) for p in perm[:m])
 
 
+def fit_sample_states(model: Any, dataset: Any, layers: Sequence[Any], *, fit_tokens: int, seed: int, pad_id: int,
+                      batch_tokens: int, max_batch_size: int, device: torch.device
+                      ) -> Iterator[tuple[dict[Any, Tensor], Tensor]]:
+    """The teacher's hidden states `layers` ("final" allowed) over a seeded sample of about `fit_tokens` tokens, one
+    length-grouped batch at a time: ({layer: [B, T, d]}, valid-token mask [B, T]), on `device`. What the low-rank
+    bases and the quantized store's means are fitted on."""
+    ints = [x for x in layers if x != FINAL]
+    for batch_pos in length_batches(dataset.lengths, fit_positions(dataset.lengths, fit_tokens, seed), batch_tokens,
+                                    max_batch_size):
+        batch = collate_batch([dataset[p] for p in batch_pos], pad_id)
+        mask = batch["attention_mask"].to(device).bool()
+        yield capture_hidden_states(model, batch["input_ids"].to(device), mask, ints, final=FINAL in layers), mask
+
+
 @torch.no_grad()
 def fit_lowrank(model: Any, dataset: Any, layers: Sequence[int], *, k: int, energy: float, fit_tokens: int,
                 seed: int, pad_id: int, batch_tokens: int, max_batch_size: int, device: torch.device
@@ -48,14 +62,11 @@ def fit_lowrank(model: Any, dataset: Any, layers: Sequence[int], *, k: int, ener
     layer. k is fixed, or the least k keeping `energy` of the variance of the rows the default token rule keeps;
     the basis then gains the directions that keep the left-out rows (see the module docstring). Moments are
     accumulated in float64 so the basis does not depend on batch order beyond rounding of the sums."""
-    positions = fit_positions(dataset.lengths, fit_tokens, seed)
     kept = {layer: [0, 0, 0] for layer in layers}  # sum(x), sum(x x^T), rows: over the rows the rule keeps
     every = {layer: [0, 0, 0] for layer in layers}  # the same over every row
     outliers: dict[int, list[Tensor]] = {layer: [] for layer in layers}
-    for batch_pos in length_batches(dataset.lengths, positions, batch_tokens, max_batch_size):
-        batch = collate_batch([dataset[p] for p in batch_pos], pad_id)
-        mask = batch["attention_mask"].to(device).bool()
-        hs = capture_hidden_states(model, batch["input_ids"].to(device), mask, list(layers))
+    for hs, mask in fit_sample_states(model, dataset, layers, fit_tokens=fit_tokens, seed=seed, pad_id=pad_id,
+                                      batch_tokens=batch_tokens, max_batch_size=max_batch_size, device=device):
         for layer in layers:
             keep, _ = DEFAULT_TOKEN_RULE.select(hs[layer], mask)
             h_all, h_keep = hs[layer][mask].double(), hs[layer][keep].double()

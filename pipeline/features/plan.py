@@ -176,9 +176,7 @@ def finalize_store(out: Path, plan: dict[str, Any], *, config: dict[str, Any], w
         "shards": shards, "plan_fingerprint": plan["fingerprint"],
     }
     if c.get("quant"):
-        q = c["quant"]
-        manifest["quant"] = {**QuantSpec(q["kind"], q["group"], q["rotate"], q["fit_tokens"] > 0).to_json(),
-                             "seed": q["seed"], "fit_tokens": q["fit_tokens"],
+        manifest["quant"] = {**c["quant"],
                              "decode": "y = codes x scale.<layer> per group of `group` channels (0: per token; "
                                        "int4: two codes a byte, low nibble first, offset 8) + mean.<layer>; "
                                        "rows = y, or y Q^T in the teacher's channels (rotation.<layer>); both "
