@@ -218,13 +218,13 @@ def launch_local_ranks(module: str, nproc: int, args: list[str]) -> int:
                 break
             time.sleep(0.05)
         codes = [p.wait() for p in procs]
+        messages = sorted({Path(errors, f).read_text().strip() for f in os.listdir(errors)})
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    messages = sorted({Path(errors, f).read_text().strip() for f in os.listdir(errors)})
+        shutil.rmtree(errors, ignore_errors=True)  # also when a signal ends the launcher
     for message in messages:
         print(message, file=sys.stderr)
-    shutil.rmtree(errors, ignore_errors=True)
     if messages or 2 in codes:
         return 2
     if all(c == 0 for c in codes):

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,7 +59,7 @@ def test_the_conversion_names_its_license_checks_its_logits_and_is_idempotent(ge
 
 
 @pytest.fixture(scope="module")
-def gemma_run(gemma3, shared_data, tmp_path_factory) -> dict[str, Path]:
+def gemma_run(gemma3, shared_data, tmp_path_factory) -> Iterator[dict[str, Path]]:
     """prepare (16 Dolly records), cache (layers 9, 18, the final state and top-8 log-probabilities), a student
     of teacher layers 0, 1, 17."""
     root = tmp_path_factory.mktemp("gemma")
@@ -69,7 +71,8 @@ def gemma_run(gemma3, shared_data, tmp_path_factory) -> dict[str, Path]:
           "--layers", "9", "18", "--final", "--topk_logits", "8", "--dtype", "fp32", "--quant", "none",
           "--progress", "false")
     stage("make_student", "--teacher", str(gemma3), "--layers", "0,1,17", "--out", str(root / "student"))
-    return {"root": root, "data": data, "feat": feat, "student": root / "student"}
+    yield {"root": root, "data": data, "feat": feat, "student": root / "student"}
+    shutil.rmtree(root, ignore_errors=True)  # GBs of checkpoints and stores: free them for the modules after
 
 
 def test_exact_kd_through_the_tied_embedding_gives_gemma_s_own_logits(gemma_run, gemma3):

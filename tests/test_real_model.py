@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -97,7 +99,7 @@ def test_a_student_of_the_teacher_s_first_layers_computes_the_teacher_s_hidden_s
 
 
 @pytest.fixture(scope="module")
-def real_run(smollm2, shared_data, tmp_path_factory) -> dict[str, Path]:
+def real_run(smollm2, shared_data, tmp_path_factory) -> Iterator[dict[str, Path]]:
     """prepare (32 Dolly records), cache (layers 20, 30, final; full, low-rank and rotated int4), a 2-layer
     student."""
     root = tmp_path_factory.mktemp("real")
@@ -116,7 +118,8 @@ def real_run(smollm2, shared_data, tmp_path_factory) -> dict[str, Path]:
     from pipeline.models.student_init import make_student
 
     make_student(smollm2, "0,29", root / "student")
-    return {"root": root, "data": data, "feat": feat, "low": low, "int4": quant, "student": root / "student"}
+    yield {"root": root, "data": data, "feat": feat, "low": low, "int4": quant, "student": root / "student"}
+    shutil.rmtree(root, ignore_errors=True)  # GBs of checkpoints and stores: free them for the modules after
 
 
 def test_analyze_sees_the_spike_and_the_default_rule_removes_it(real_run):
