@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from pipeline.data.prompts import TEMPLATES, check_template
@@ -9,6 +10,8 @@ from pipeline.errors import ConfigError
 
 # Config fields that name where things are rather than what is produced: not part of the fingerprint.
 LOCATION_FIELDS = ("data", "out", "tokenizer")
+# Fields of classification data only: left out of an instruction-data manifest (and so of its fingerprint).
+CLASSIFICATION_FIELDS = ("task", "labels", "metric")
 
 
 @dataclass
@@ -36,6 +39,18 @@ class PrepareConfig:
     split: str = field(default="train", metadata={"help": "name of the main split (e.g. 'test' for an eval set)"})
     verify: bool = field(default=False, metadata={
         "help": "only verify --out: every shard and records file against the sha256 in its manifest"})
+    task: str = field(default="", metadata={
+        "help": "a classification task: cola, rte, mrpc, or classification (generic JSONL: text, text_pair, "
+                "label); empty: instruction data"})
+    labels: list[str] = field(default_factory=list, metadata={
+        "help": "--task classification: label names in id order (a,b,c or a b c); default: the sorted labels "
+                "of the train file"})
+    metric: str = field(default="", metadata={
+        "help": "--task classification: accuracy (default), f1 (binary, class 1 positive) or mcc"})
+
+    def label_names(self) -> list[str]:
+        """--labels as a list: `a,b,c` and `a b c` alike."""
+        return [name.strip() for item in self.labels for name in item.split(",") if name.strip()]
 
     def check(self) -> None:
         """Checked before the output folder is touched, so a typo never leaves a half-made folder behind."""
@@ -53,6 +68,39 @@ class PrepareConfig:
             raise ConfigError("give --valid_fraction or --valid_size, not both")
         if not 0.0 <= self.valid_fraction < 1.0 or self.valid_size < 0:
             raise ConfigError("--valid_fraction must be in [0, 1) and --valid_size >= 0")
+        if self.task or self.labels or self.metric:
+            self.check_task()
+            return
         check_template(self.template)
         if not 0 < self.max_prompt_len < self.max_len:
             raise ConfigError(f"need 0 < --max_prompt_len ({self.max_prompt_len}) < --max_len ({self.max_len})")
+
+    def check_task(self) -> None:
+        from pipeline.data.classification import GENERIC_TASK, METRICS, TASKS
+
+        choices = ", ".join([*TASKS, GENERIC_TASK])
+        if not self.task:
+            raise ConfigError(f"--labels and --metric are for --task {GENERIC_TASK}")
+        if self.task not in (*TASKS, GENERIC_TASK):
+            raise ConfigError(f"--task {self.task!r}: choose one of {choices}")
+        if self.task != GENERIC_TASK and (self.labels or self.metric):
+            raise ConfigError(f"--labels and --metric are for --task {GENERIC_TASK}; {self.task} has its own "
+                              f"({', '.join(TASKS[self.task].labels)}; {TASKS[self.task].metric})")
+        if self.metric and self.metric not in METRICS:
+            raise ConfigError(f"--metric {self.metric!r}: choose one of {', '.join(METRICS)}")
+        names = self.label_names()
+        if self.labels and (len(names) < 2 or len(set(names)) != len(names)):
+            raise ConfigError(f"--labels {','.join(names)}: give two or more distinct label names")
+        if self.metric == "f1" and names and len(names) != 2:
+            raise ConfigError(f"--metric f1 is binary (class 1 positive); --labels gives {len(names)} classes")
+        if self.fields:
+            raise ConfigError("--fields is for instruction data; classification JSONL has text, text_pair, label")
+        if len(self.data) != 1:
+            raise ConfigError(f"--task {self.task}: give one --data (a folder with train and dev files, or one "
+                              f"file), not {len(self.data)}")
+        folder = Path(self.data[0]).expanduser().is_dir()
+        if folder and (self.valid_size or self.valid_fraction or self.split != "train"):
+            raise ConfigError(f"--data {self.data[0]} is a folder: its dev file becomes split 'valid'; --split, "
+                              f"--valid_size and --valid_fraction are for a single file")
+        if self.max_len < 4:
+            raise ConfigError(f"--max_len {self.max_len}: too short for a classifier's input")

@@ -6,6 +6,8 @@ Layout of a prepared folder (docs/contracts.md):
     <split>/shard-NNNNN.safetensors    input_ids int32 [tokens], offsets int64 [n+1], prompt_lens int32 [n],
                                        sample_ids int64 [n]
     <split>/records.jsonl              {"sample_id", "prompt", "references"} per sample
+Classification data (pipeline/data/classification.py) adds token_type_ids int8 [tokens] and class_labels int64 [n]
+to each shard, {"sample_id", "text", "text_pair", "label"} records, and a manifest "task" block.
 
 A sample's tokens are the tokenizer's own prefix (OPT: `</s>`), the prompt, the response, and EOS. The loss
 covers the response and EOS only. A prompt over the limit keeps its head and its last tokens (the "### Response:"
@@ -19,7 +21,7 @@ import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -146,8 +148,11 @@ def length_stats(samples: Sequence[TokenizedExample]) -> dict[str, dict[str, flo
     return out
 
 
-def write_split(out: Path, name: str, samples: Sequence[TokenizedExample], shard_size: int) -> dict[str, Any]:
-    """Write one split's shards and records; return its manifest entry (with per-file sha256)."""
+def write_split(out: Path, name: str, samples: Sequence[TokenizedExample], shard_size: int,
+                extra: Callable[[Sequence], dict[str, np.ndarray]] | None = None,
+                record: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Write one split's shards and records; return its manifest entry (with per-file sha256). `extra(chunk)` adds
+    arrays to each shard and `record(sample)` makes its records line (classification data)."""
     from safetensors.numpy import save_file
 
     shards = []
@@ -160,6 +165,7 @@ def write_split(out: Path, name: str, samples: Sequence[TokenizedExample], shard
             "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
             "prompt_lens": np.array([s.prompt_len for s in chunk], dtype=np.int32),
             "sample_ids": np.array([s.sample_id for s in chunk], dtype=np.int64),
+            **(extra(chunk) if extra else {}),
         }
         rel = f"{name}/shard-{len(shards):05d}.safetensors"
         try:
@@ -173,8 +179,8 @@ def write_split(out: Path, name: str, samples: Sequence[TokenizedExample], shard
     with atomic_path(out / rel) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for s in samples:
-                f.write(json.dumps({"sample_id": s.sample_id, "prompt": s.prompt, "references": s.references},
-                                   ensure_ascii=False) + "\n")
+                f.write(json.dumps(record(s) if record else {"sample_id": s.sample_id, "prompt": s.prompt,
+                                   "references": s.references}, ensure_ascii=False) + "\n")
     return {"samples": len(samples), "tokens": sum(x["tokens"] for x in shards), "shards": shards,
             "records": {"file": rel, "sha256": sha256_file(out / rel)}}
 
@@ -240,7 +246,7 @@ class TokenDataset(torch.utils.data.Dataset):
     def __init__(self, root: Path, entry: dict):
         from safetensors.numpy import load
 
-        ids, offsets, prompt_lens, sample_ids = [], [0], [], []
+        ids, offsets, prompt_lens, sample_ids, token_types, labels = [], [0], [], [], [], []
         for shard in entry["shards"]:
             path = root / shard["file"]
             if not path.is_file():
@@ -258,6 +264,10 @@ class TokenDataset(torch.utils.data.Dataset):
             offsets.extend((t["offsets"][1:] + offsets[-1]).tolist())
             prompt_lens.append(t["prompt_lens"])
             sample_ids.append(t["sample_ids"])
+            token_types += [t["token_type_ids"]] if "token_type_ids" in t else []  # classification data only
+            labels += [t["class_labels"]] if "class_labels" in t else []
+        self._token_types = np.concatenate(token_types) if token_types else None
+        self.class_labels = np.concatenate(labels) if labels else None
         self._ids = np.concatenate(ids) if ids else np.zeros(0, np.int32)
         self._offsets = np.asarray(offsets, dtype=np.int64)
         self.prompt_lens = np.concatenate(prompt_lens) if prompt_lens else np.zeros(0, np.int32)
@@ -270,8 +280,13 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         a, b = self._offsets[i], self._offsets[i + 1]
-        return {"sample_id": int(self.sample_ids[i]), "input_ids": torch.from_numpy(self._ids[a:b].astype(np.int64)),
+        item = {"sample_id": int(self.sample_ids[i]), "input_ids": torch.from_numpy(self._ids[a:b].astype(np.int64)),
                 "prompt_len": int(self.prompt_lens[i])}
+        if self._token_types is not None:
+            item["token_type_ids"] = torch.from_numpy(self._token_types[a:b].astype(np.int64))
+        if self.class_labels is not None:
+            item["label"] = int(self.class_labels[i])
+        return item
 
     def position(self, sample_id: int) -> int:
         try:
@@ -296,6 +311,11 @@ class PreparedData:
         self.tokenizer_fingerprint: str = self.manifest["tokenizer"]["fingerprint"]
 
     @property
+    def task(self) -> dict | None:
+        """{"type": "classification", "name", "labels", "metric", "pair"} for classification data, else None."""
+        return self.manifest.get("task")
+
+    @property
     def splits(self) -> list[str]:
         return list(self.manifest["splits"])
 
@@ -305,7 +325,11 @@ class PreparedData:
         return self.manifest["splits"][name]
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        tok = load_tokenizer(str(self.path / "tokenizer"))
+        if self.task is None:
+            tok = load_tokenizer(str(self.path / "tokenizer"))
+        else:  # an encoder's: BERT's has no EOS token, which load_tokenizer requires (decoders end responses with it)
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(str(self.path / "tokenizer"), local_files_only=True)
         if tokenizer_fingerprint(tok) != self.tokenizer_fingerprint:
             raise DataError(f"{self.path}/tokenizer does not match the fingerprint in its manifest")
         return tok
@@ -348,3 +372,24 @@ def collate_batch(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
             "sample_ids": torch.tensor([x["sample_id"] for x in items], dtype=torch.long),
             "prompt_lens": torch.tensor([x["prompt_len"] for x in items], dtype=torch.long)}
+
+
+def collate_classification(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad classification items: input_ids, attention_mask, token_type_ids (0 on padding) [B, T]; labels
+    (class ids) and sample_ids [B]."""
+    if not items:
+        raise ValueError("collate_classification: empty batch")
+    width = max(len(x["input_ids"]) for x in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(items), width), dtype=torch.long)
+    token_type_ids = torch.zeros((len(items), width), dtype=torch.long)
+    for row, x in enumerate(items):
+        n = len(x["input_ids"])
+        input_ids[row, :n] = x["input_ids"]
+        attention_mask[row, :n] = 1
+        if "token_type_ids" in x:
+            token_type_ids[row, :n] = x["token_type_ids"]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids,
+            "labels": torch.tensor([x["label"] for x in items], dtype=torch.long),
+            "sample_ids": torch.tensor([x["sample_id"] for x in items], dtype=torch.long)}
+
