@@ -27,10 +27,9 @@ from pipeline.config import config_to_dict
 from pipeline.data.prepared import (
     MANIFEST_KIND, TokenizedExample, count_duplicates, finish_output_dir, length_stats, split_samples, write_split,
 )
-from pipeline.data.tokenizer import BUILTIN_SPECS, load_tokenizer, tokenizer_fingerprint
+from pipeline.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 from pipeline.errors import ConfigError, DataError, GeokdError
 from pipeline.io import read_jsonl, read_text, sha256_file, sha256_json
-from pipeline.runtime import hub_offline, is_hub_name
 
 GENERIC_TASK = "classification"
 METRICS = ("accuracy", "f1", "mcc")
@@ -205,23 +204,6 @@ def tokenize_classification(examples: Sequence[ClassExample], tok: PreTrainedTok
     return samples, truncated  # type: ignore[return-value]
 
 
-def load_classifier_tokenizer(spec: str) -> PreTrainedTokenizerBase:
-    """`load_tokenizer(spec)`, but without an EOS token allowed (BERT's has none; only decoders need one)."""
-    path = Path(spec)
-    if spec in BUILTIN_SPECS or not (path.is_dir() or is_hub_name(spec)):
-        return load_tokenizer(spec)
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(spec, local_files_only=path.is_dir() or hub_offline())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load a tokenizer from {spec}: {e}") from e
-    tok.pad_token = tok.pad_token or tok.eos_token
-    if tok.pad_token is None:
-        raise ConfigError(f"tokenizer in {spec} has neither a pad token nor an EOS token")
-    return tok
-
-
 def data_files(spec: str, task: str) -> list[tuple[str | None, Path]]:
     """[("train", train file), ("valid", dev file)] for a folder, [(None, file)] for a file."""
     path = Path(spec).expanduser()
@@ -246,7 +228,7 @@ def plan_classification(config: Any, settings: dict, start: float) -> tuple[dict
     for s in sources:
         s.examples = s.examples[: config.limit or None]
     task = sources[0].task
-    tok = load_classifier_tokenizer(config.tokenizer)
+    tok = load_tokenizer(config.tokenizer, need_eos=False)
     tok_fp = tokenizer_fingerprint(tok)
     names = [name or config.split for name, _ in files]
     planned = {

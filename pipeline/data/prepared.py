@@ -325,11 +325,7 @@ class PreparedData:
         return self.manifest["splits"][name]
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        if self.task is None:
-            tok = load_tokenizer(str(self.path / "tokenizer"))
-        else:  # an encoder's: BERT's has no EOS token, which load_tokenizer requires (decoders end responses with it)
-            from transformers import AutoTokenizer
-            tok = AutoTokenizer.from_pretrained(str(self.path / "tokenizer"), local_files_only=True)
+        tok = load_tokenizer(str(self.path / "tokenizer"), need_eos=self.task is None)
         if tokenizer_fingerprint(tok) != self.tokenizer_fingerprint:
             raise DataError(f"{self.path}/tokenizer does not match the fingerprint in its manifest")
         return tok

@@ -122,8 +122,7 @@ def builtin_tiny(vocab_size: int = TINY_VOCAB_SIZE) -> PreTrainedTokenizerBase:
     return _load_dir(target)
 
 
-def _load_dir(path: Path | str) -> PreTrainedTokenizerBase:
-
+def _load_dir(path: Path | str, need_eos: bool = True) -> PreTrainedTokenizerBase:
     local = Path(path).is_dir() or hub_offline()
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=local)
@@ -131,17 +130,19 @@ def _load_dir(path: Path | str) -> PreTrainedTokenizerBase:
         hint = " (HF_HUB_OFFLINE is set: only the local hub cache is searched)" if hub_offline() else ""
         raise ConfigError(f"cannot load a tokenizer from {path}{hint}: {e}; a model dir without one needs "
                           f"--tokenizer DIR") from e
-    if tok.eos_token is None:
+    if tok.eos_token is None and need_eos:
         raise ConfigError(f"tokenizer in {path} has no eos_token; the pipeline needs one to end responses")
+    if tok.pad_token is None and tok.eos_token is None:
+        raise ConfigError(f"tokenizer in {path} has neither a pad token nor an eos_token to pad with")
     if tok.pad_token is None:
         # GPT-2-style tokenizers have no pad token; padding positions are masked out, so EOS can stand in.
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
-    """A tokenizer from a local directory, a hub name (online machines) or a built-in spec; always has `pad_token`
-    and `eos_token`."""
+def load_tokenizer(spec: str, need_eos: bool = True) -> PreTrainedTokenizerBase:
+    """A tokenizer from a local directory, a hub name (online machines) or a built-in spec; always has `pad_token`,
+    and `eos_token` unless `need_eos` is False (an encoder's: BERT's has none; decoders end responses with it)."""
     if spec == "builtin-gpt2":
         return builtin_gpt2()
     if spec == "builtin-tiny":
@@ -152,7 +153,7 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
             f"tokenizer {spec!r}: not a local directory, not a hub name (org/name), and not one of "
             f"{', '.join(BUILTIN_SPECS)}"
         )
-    return _load_dir(path if path.is_dir() else spec)
+    return _load_dir(path if path.is_dir() else spec, need_eos)
 
 
 def _describe(tok: PreTrainedTokenizerBase) -> dict:

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM, PreTra
 
 from pipeline.errors import ConfigError
 from pipeline.io import read_json, sha256_file, sha256_json
+from pipeline.models.encoders import check_classifier_dir, encoder_forward, is_encoder
 from pipeline.runtime import hub_offline, is_hub_name
 
 FINAL = "final"
@@ -118,18 +119,21 @@ def quick_model_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
-def model_shape(spec: str, option: str) -> tuple[int, int]:
-    """(hidden size, decoder layers) of a model dir or preset, from its config alone (no weights loaded)."""
+def model_shape(spec: str, option: str, classifier: bool = False) -> tuple[int, int]:
+    """(hidden size, layers) of a model dir or preset, from its config alone (no weights loaded); `classifier`:
+    an encoder for a classification task, else a causal LM."""
     if spec.startswith("preset:"):
         name = spec.split(":", 1)[1]
+        if classifier:
+            raise ConfigError(f"--{option} {spec}: presets are OPT decoders; a classification task needs an encoder "
+                              f"directory (./run.sh get-model minilm-l6 --out DIR)")
         if name not in PRESETS:
             raise ConfigError(f"--{option} {spec}: unknown preset; choose one of {', '.join(PRESETS)}")
         return int(PRESETS[name]["hidden_size"]), int(PRESETS[name]["num_hidden_layers"])
     cfg_path = Path(spec) / "config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"--{option} {spec}: not a model directory with config.json, and not preset:NAME")
-    check_causal_lm_dir(spec)
-    c = read_json(cfg_path)
+    c = check_classifier_dir(spec, option) if classifier else (check_causal_lm_dir(spec), read_json(cfg_path))[1]
     return int(c["hidden_size"]), int(c["num_hidden_layers"])
 
 
@@ -150,8 +154,9 @@ def check_causal_lm_dir(path: str | Path, need_tokenizer: bool = False) -> None:
     if (architectures and not causal) or config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES \
             or config.get("is_encoder_decoder"):
         listed = ", ".join(architectures) or "no architectures listed"
-        raise ConfigError(f"model {path}: a {config.get('model_type')!r} model ({listed}), not a causal LM: geokd "
-                          f"distils and scores causal LMs")
+        raise ConfigError(f"model {path}: a {config.get('model_type')!r} model ({listed}), not a causal LM: "
+                          f"instruction data trains and scores causal LMs (an encoder classifier goes with data "
+                          f"prepared with --task, and eval --data)")
     if need_tokenizer and not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(f"model {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass --tokenizer "
                           f"DIR")
@@ -288,7 +293,8 @@ def record_hidden_states(model: nn.Module, layers: Sequence[int | str],
 
 
 def capture_hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                          layers: Sequence[int], final: bool = False) -> dict[int | str, torch.Tensor]:
+                          layers: Sequence[int], final: bool = False, token_type_ids: torch.Tensor | None = None
+                          ) -> dict[int | str, torch.Tensor]:
     """Run `model` and return only the requested hidden states `{layer: [B, T, d]}` (plus "final" if asked).
 
     Without `final`, the forward stops after the deepest requested layer and the LM head never runs, so capturing
@@ -298,6 +304,10 @@ def capture_hidden_states(model: PreTrainedModel, input_ids: torch.Tensor, atten
     wanted: list[int | str] = list(layers) + ([FINAL] if final else [])
     if not wanted:
         raise ValueError("capture_hidden_states: no layers requested")
+    if is_encoder(model):  # its whole forward: a 6-layer encoder's, and the class logits come with it
+        if final:
+            raise ConfigError("'final' and top-k logits are a causal LM's; an encoder's store keeps its class logits")
+        return dict(encoder_forward(model, input_ids, attention_mask, token_type_ids, list(layers))[0])
     decoder = decoder_of(model)
     ints = [x for x in wanted if x != FINAL]
     with record_hidden_states(model, ints, stop_early=not final) as out:

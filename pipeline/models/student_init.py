@@ -1,6 +1,7 @@
-"""A student made of a subset of the teacher's decoder layers: the usual small student of the same family (same
-tokenizer, embeddings, final norm and head; every other layer dropped), for OPT, Llama, Gemma (whose per-layer
-attention kinds are cut with the layers) and any model whose decoder keeps its layers in one `layers` list."""
+"""A student made of a subset of the teacher's layers: the usual small student of the same family (same tokenizer,
+embeddings, final norm and head; every other layer dropped), for OPT, Llama, Gemma (whose per-layer attention kinds
+are cut with the layers), any model whose decoder keeps its layers in one `layers` list, and BERT-family encoders
+(their `encoder.layer` list; a fine-tuned classifier keeps its pooler and classification head, as PKD's students)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,8 +11,9 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.io import atomic_dir, write_json_atomic
+from pipeline.io import atomic_dir, read_json, write_json_atomic
 from pipeline.models import decoder_of, load_model, model_fingerprint, model_shape
+from pipeline.models.encoders import is_causal_config, encoder_layers, is_encoder
 
 STUDENT_FILE = "student.json"
 
@@ -35,9 +37,13 @@ def parse_layer_list(text: str, n_layers: int) -> list[int]:
 def keep_layers(model: nn.Module, layers: Sequence[int]) -> nn.Module:
     """`model` itself, its decoder cut down to `layers` (0-based), in order; the config says the new depth. In
     place, so a large teacher is never held twice."""
-    decoder = decoder_of(model)
-    decoder.layers = nn.ModuleList([decoder.layers[i] for i in layers])
-    for new_index, layer in enumerate(decoder.layers):
+    if is_encoder(model):
+        encoder = model.base_model.encoder
+        encoder.layer = kept = nn.ModuleList([encoder.layer[i] for i in layers])
+    else:
+        decoder = decoder_of(model)
+        decoder.layers = kept = nn.ModuleList([decoder.layers[i] for i in layers])
+    for new_index, layer in enumerate(kept):
         # Attention modules know their position for the KV cache (Llama's layer_idx); renumber them.
         for module in layer.modules():
             if hasattr(module, "layer_idx"):
@@ -57,9 +63,18 @@ def make_student(teacher_dir: str | Path, layers_text: str, out: str | Path) -> 
     if out.exists():
         raise ConfigError(f"--out {out} exists; make-student never overwrites a folder: choose another --out")
     # The layers are checked against the teacher's config first: a typo costs a second, not a big teacher's load.
-    layers = parse_layer_list(layers_text, model_shape(str(teacher_dir), "teacher")[1])
-    teacher = load_model(str(teacher_dir), dtype=torch.float32)
-    n = len(decoder_of(teacher).layers)
+    encoder = (teacher_dir / "config.json").is_file() and not is_causal_config(read_json(teacher_dir / "config.json"))
+    layers = parse_layer_list(layers_text, model_shape(str(teacher_dir), "teacher", classifier=encoder)[1])
+    if encoder:  # as it is: a fine-tuned classifier keeps its head, a base encoder stays one
+        import transformers
+
+        arch = (read_json(teacher_dir / "config.json").get("architectures") or ["AutoModel"])[0]
+        teacher = getattr(transformers, arch, transformers.AutoModel).from_pretrained(teacher_dir,
+                                                                                     local_files_only=True)
+        n = len(encoder_layers(teacher))
+    else:
+        teacher = load_model(str(teacher_dir), dtype=torch.float32)
+        n = len(decoder_of(teacher).layers)
     student = keep_layers(teacher, layers)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir, local_files_only=True)
     info = {"kind": "geokd-student-from-teacher", "teacher": str(teacher_dir.resolve()),
