@@ -30,6 +30,7 @@ from pipeline.features.quant import QuantSpec, check_spec, default_group
 from pipeline.features.store import FeatureStore
 from pipeline.io import read_json, sha256_file
 from pipeline.models import model_fingerprint
+from pipeline.models.encoders import load_frozen_classifier
 from pipeline.models.teacher import load_frozen_teacher
 from pipeline.runtime import (
     barrier, destroy_process_group, ensure_dist_env, init_process_group, pick_device, torch_dtype,
@@ -50,12 +51,20 @@ def run(cfg: CacheConfig) -> int:
     tok = data.tokenizer()
     teacher_dir = Path(cfg.teacher) if not cfg.teacher.startswith("preset:") else None
     if teacher_dir is not None and (teacher_dir / "tokenizer_config.json").is_file():  # before the weights load
-        check_same_tokenizer(load_tokenizer(str(teacher_dir)), tok, ("teacher", "prepared data"),
-                             where=f"{teacher_dir} and {cfg.data}: ")
+        check_same_tokenizer(load_tokenizer(str(teacher_dir), need_eos=data.task is None), tok,
+                             ("teacher", "prepared data"), where=f"{teacher_dir} and {cfg.data}: ")
     device = pick_device(dist.local_rank)
     compute_dtype = torch_dtype(cfg.teacher_dtype, device)
-    model, input_device = load_frozen_teacher(cfg.teacher, tokenizer=tok, dtype=compute_dtype, device=device,
-                                              world_size=dist.world_size, seed=cfg.seed)
+    task = data.task  # a classification task's teacher is an encoder classifier; its class logits are stored
+    if task is not None:
+        if cfg.final or cfg.topk_logits:
+            raise ConfigError("--final and --topk_logits are a causal LM's; an encoder's store always keeps its "
+                              "class logits (the data is a classification task)")
+        model = load_frozen_classifier(cfg.teacher, task["labels"], dtype=compute_dtype, device=device)
+        input_device = device
+    else:
+        model, input_device = load_frozen_teacher(cfg.teacher, tokenizer=tok, dtype=compute_dtype, device=device,
+                                                  world_size=dist.world_size, seed=cfg.seed)
     if teacher_dir is not None and not (teacher_dir / "tokenizer_config.json").is_file():
         # No tokenizer to compare: at least its special token ids must be the data's (the vocabulary size was
         # checked when it loaded).
@@ -87,6 +96,8 @@ def run(cfg: CacheConfig) -> int:
                      "seed": cfg.seed} if cfg.lowrank_k or cfg.lowrank_energy else None),
         "shard_tokens": cfg.shard_tokens, "batch_tokens": cfg.batch_tokens, "max_batch_size": cfg.max_batch_size,
     }
+    if task is not None:
+        content["class_logits"] = list(task["labels"])
     if quant:  # only then: an unquantized plan, and so its shards, stay byte for byte what they were
         content["quant"] = {**quant.to_json(), "seed": cfg.seed, "fit_tokens": cfg.quant_fit_tokens}
     info = {"teacher": {"spec": cfg.teacher, "n_layers": model.config.num_hidden_layers,

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.data.prepared import collate_batch
+from pipeline.data.prepared import collate_batch, collate_classification
 from pipeline.errors import StoreError
 from pipeline.features.format import (
-    LM_HEAD_FILE, LOWRANK_FILE, QUANT_FILE, layer_key, parse_layer, read_quant_params, shard_file, sidecar_file,
-    write_lm_head, write_lowrank, write_quant_params, write_shard,
+    CLASS_LOGITS, LM_HEAD_FILE, LOWRANK_FILE, PER_SAMPLE, QUANT_FILE, layer_key, parse_layer, read_quant_params,
+    shard_file, sidecar_file, write_lm_head, write_lowrank, write_quant_params, write_shard,
 )
 from pipeline.features.lowrank import LowRank, fit_lowrank, fit_sample_states
 from pipeline.features.quant import QuantSpec, quantize, rotation_matrix
@@ -26,6 +26,7 @@ from pipeline.features.plan import length_batches
 from pipeline.geometry import DEFAULT_TOKEN_RULE
 from pipeline.io import read_json, sha256_file, write_json_atomic
 from pipeline.models import capture_hidden_states
+from pipeline.models.encoders import encoder_forward, is_encoder
 from pipeline.models.teacher import LMHead, lm_head_of
 
 QuantParams = tuple[dict[Any, Tensor], dict[Any, Tensor]] | None  # (rotations, means) of a quantized store
@@ -34,9 +35,17 @@ QuantParams = tuple[dict[Any, Tensor], dict[Any, Tensor]] | None  # (rotations, 
 @torch.no_grad()
 def teacher_rows(model: Any, input_ids: Tensor, attention_mask: Tensor, layers: Sequence[int], *, final: bool,
                  topk: int, store_dtype: torch.dtype, lowrank: LowRank, device: torch.device,
-                 quant: QuantSpec | None = None, params: QuantParams = None
+                 quant: QuantSpec | None = None, params: QuantParams = None, token_type_ids: Tensor | None = None
                  ) -> tuple[dict[str, Tensor], dict[str, list[float]]]:
-    """The valid tokens' stored tensors of one batch (rows in batch order, on the CPU) and low-rank energy sums."""
+    """The valid tokens' stored tensors of one batch (rows in batch order, on the CPU) and low-rank energy sums;
+    an encoder classifier's also hold its class logits (one row per sample)."""
+    if is_encoder(model):
+        tti = token_type_ids.to(device) if token_type_ids is not None else None
+        hidden, logits = encoder_forward(model, input_ids.to(device), attention_mask.to(device), tti, list(layers))
+        out, energy = extract_rows(hidden, attention_mask, layers, final=False, topk=0, store_dtype=store_dtype,
+                                   lowrank=lowrank, quant=quant, params=params)
+        out[CLASS_LOGITS] = logits.float().cpu()
+        return out, energy
     hs = capture_hidden_states(model, input_ids.to(device), attention_mask.to(device), list(layers),
                                final=final or topk > 0)
     return extract_rows(hs, attention_mask, layers, final=final, topk=topk, store_dtype=store_dtype, lowrank=lowrank,
@@ -91,12 +100,13 @@ def compute_unit(model: Any, dataset: Any, start: int, end: int, *, layers: Sequ
     per_sample: dict[int, dict[str, Tensor]] = {}
     energy: dict[str, list[float]] = {}
     for positions in length_batches(lengths, range(start, end), batch_tokens, max_batch_size):
-        batch = collate_batch([dataset[p] for p in positions], pad_id)
+        items = [dataset[p] for p in positions]
+        batch = (collate_classification if "label" in items[0] else collate_batch)(items, pad_id)
         rows, e = teacher_rows(model, batch["input_ids"], batch["attention_mask"], layers, final=final, topk=topk,
                                store_dtype=store_dtype, lowrank=lowrank, device=device, quant=quant,
-                               params=params)
+                               params=params, token_type_ids=batch.get("token_type_ids"))
         sizes = [int(lengths[p]) for p in positions]
-        split = {name: t.split(sizes) for name, t in rows.items()}
+        split = {name: t.split(1 if name.startswith(PER_SAMPLE) else sizes) for name, t in rows.items()}
         for j, p in enumerate(positions):
             per_sample[p] = {name: parts[j] for name, parts in split.items()}
         for k, (total, kept) in e.items():

@@ -9,6 +9,7 @@ Layout of a store folder (written by `./run.sh cache`: stages/cache.py, pipeline
         feat.<layer>  [n_tokens, d]   stored dtype; <layer> is the hidden-state index or "final";
                                       low-rank layers hold k PCA coefficients instead of d features
         topk.values float32 [n_tokens, k], topk.indices int32 [n_tokens, k]   (optional top-k log-probabilities)
+        sample.class_logits float32 [n, C]   one row per sample: an encoder classifier's class logits
         crc.<name> int64 [n]          CRC32 of each sample's rows of tensor <name>: the reader checks every sample it
                                       reads, so a flipped bit is an error naming the shard, never a silent wrong target
     shards/unit-NNNNN.json        written after its shard: the shard's sha256, sizes, and the plan it belongs to
@@ -63,6 +64,13 @@ TOKEN_RULE = (
 )
 
 Layer = int | str  # a hidden-state index (docs/contracts.md) or "final"
+PER_SAMPLE = "sample."  # tensors of one row per sample (class logits), not one per token
+CLASS_LOGITS = "sample.class_logits"
+
+
+def row_bounds(name: str, offsets: list[int]) -> list[int]:
+    """Where each sample's rows of tensor `name` start and end."""
+    return list(range(len(offsets))) if name.startswith(PER_SAMPLE) else offsets
 
 
 def layer_key(layer: Layer) -> str:
@@ -113,15 +121,15 @@ def write_shard(
     n = sample_ids.numel()
     if offsets.shape != (n + 1,) or int(offsets[0]) != 0 or bool((offsets[1:] < offsets[:-1]).any()):
         raise ValueError(f"{path.name}: offsets must be [n+1] non-decreasing from 0, got {offsets.tolist()[:8]}...")
-    n_tokens = int(offsets[-1])
     bounds = offsets.tolist()
     out: dict[str, Tensor] = {"sample_ids": sample_ids, "offsets": offsets}
     for name, t in tensors.items():
-        if t.shape[0] != n_tokens:
-            raise ValueError(f"{path.name}: tensor {name} has {t.shape[0]} rows, offsets say {n_tokens} tokens")
+        rows = row_bounds(name, bounds)
+        if t.shape[0] != rows[-1]:
+            raise ValueError(f"{path.name}: tensor {name} has {t.shape[0]} rows, offsets say {rows[-1]}")
         t = t.contiguous()
         out[name] = t
-        out[f"crc.{name}"] = torch.tensor([crc32(t[bounds[i] : bounds[i + 1]]) for i in range(n)], dtype=torch.int64)
+        out[f"crc.{name}"] = torch.tensor([crc32(t[rows[i] : rows[i + 1]]) for i in range(n)], dtype=torch.int64)
     meta = _metadata({"format": SHARD_FORMAT, **metadata, "index_crc": str(_index_crc(sample_ids, offsets))})
     try:
         with atomic_path(path) as tmp:
@@ -174,9 +182,9 @@ def read_shard_index(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str
         crcs = {k[4:]: f.get_tensor(k).numpy() for k in f.keys() if k.startswith("crc.")}
         n = sample_ids.numel()
         for name in crcs:
-            rows = f.get_slice(name).get_shape()[0]
-            if rows != int(offsets[-1]) or crcs[name].shape != (n,):
-                raise StoreError(f"{path}: tensor {name} has {rows} rows for {int(offsets[-1])} tokens (corrupt shard)")
+            rows, want = f.get_slice(name).get_shape()[0], n if name.startswith(PER_SAMPLE) else int(offsets[-1])
+            if rows != want or crcs[name].shape != (n,):
+                raise StoreError(f"{path}: tensor {name} has {rows} rows, its index says {want} (corrupt shard)")
     except StoreError:
         raise
     except Exception as e:

@@ -175,6 +175,8 @@ def finalize_store(out: Path, plan: dict[str, Any], *, config: dict[str, Any], w
         "n_samples": sum(s["n_samples"] for s in shards), "n_tokens": n_tokens,
         "shards": shards, "plan_fingerprint": plan["fingerprint"],
     }
+    if c.get("class_logits"):  # only an encoder's store: a causal LM's manifest reads as before
+        manifest["class_logits"] = {"labels": c["class_logits"], "tensor": "sample.class_logits float32 [n, C]"}
     if c.get("quant"):
         manifest["quant"] = {**c["quant"],
                              "decode": "y = codes x scale.<layer> per group of `group` channels (0: per token; "

@@ -14,8 +14,9 @@ from torch import Tensor
 
 from pipeline.errors import StoreError
 from pipeline.features.format import (
-    DTYPES, FORMAT_VERSION, KIND, MANIFEST, PLAN, QUANT_FILE, QUANT_FORMAT_VERSION, Layer, crc32, layer_key,
-    open_safetensors, parse_layer, read_lm_head, read_lowrank, read_quant_params, read_shard_index, verify_files,
+    CLASS_LOGITS, DTYPES, FORMAT_VERSION, KIND, MANIFEST, PLAN, QUANT_FILE, QUANT_FORMAT_VERSION, Layer, crc32,
+    layer_key, open_safetensors, parse_layer, read_lm_head, read_lowrank, read_quant_params, read_shard_index,
+    verify_files,
 )
 from pipeline.features.quant import QuantSpec, dequantize
 from pipeline.io import read_json
@@ -202,6 +203,18 @@ class FeatureStore:
         s, r, a, b = self._locate(int(sample_id))
         return (self._read(s, r, a, b, "topk.values", sample_id), self._read(s, r, a, b, "topk.indices", sample_id))
 
+    @property
+    def has_class_logits(self) -> bool:
+        return bool(self.manifest.get("class_logits"))
+
+    def get_class_logits(self, sample_id: int) -> Tensor:
+        """An encoder teacher's class logits `[C]` (float32) for the sample."""
+        if not self.has_class_logits:
+            raise StoreError(f"{self.path}: no class logits stored (a causal LM's store; cache an encoder classifier "
+                             f"on classification data)")
+        s, r, _, _ = self._locate(int(sample_id))
+        return self._read(s, r, r, r + 1, CLASS_LOGITS, sample_id)[0]
+
     def lowrank_basis(self, layer: Layer) -> tuple[Tensor, Tensor] | None:
         """(basis [d, k], mean [d]) of a low-rank layer, None for a full one."""
         return self._lowrank.get(layer)
@@ -275,6 +288,8 @@ class FeatureDataset(torch.utils.data.Dataset):
                 raise StoreError(f"{self.store.path}: sample {sid} has {t.shape[0]} feature rows for layer {layer} "
                                  f"but {n} tokens: the store was made from other data")
         item["features"] = feats
+        if self.store.has_class_logits:
+            item["class_logits"] = self.store.get_class_logits(sid)
         if self.topk:
             item["topk_values"], item["topk_indices"] = self.store.get_topk(sid)
         return item
@@ -296,11 +311,13 @@ def collate_with_features(items: Sequence[dict[str, Any]], pad_id: int, dtype: t
                           ) -> dict[str, Any]:
     """`collate_batch` plus `"features": {layer: [B, T, d]}` aligned with its input_ids (attention_mask marks the
     valid rows); `dtype` casts features (e.g. torch.float32), None keeps the stored dtype."""
-    from pipeline.data.prepared import collate_batch
+    from pipeline.data.prepared import collate_batch, collate_classification
 
-    batch = collate_batch(items, pad_id)
+    batch = (collate_classification if "label" in items[0] else collate_batch)(items, pad_id)
     T = batch["input_ids"].shape[1]
     batch["features"] = pad_features(items, T, dtype)
+    if "class_logits" in items[0]:
+        batch["class_logits"] = torch.stack([item["class_logits"] for item in items])
     if "topk_values" in items[0]:
         for key in ("topk_values", "topk_indices"):
             k = items[0][key].shape[1]
