@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
@@ -298,11 +299,25 @@ class FeatureLoss:
         return self.distance(student, teacher, mask, squared, rule=rule)
 
 
+def pkd_distance(student: Tensor, teacher: Tensor, mask: Tensor | None = None, squared: bool = True,
+                 rule: TokenRule = DEFAULT_TOKEN_RULE) -> Tensor:
+    """Patient KD's loss (Sun et al., 2019): the mean squared distance between L2-normalised student and teacher
+    rows of the same width; an encoder's objective gives it each example's [CLS] row. No centering, no rule."""
+    if student.shape[-1] != teacher.shape[-1]:
+        raise ConfigError(f"pkd compares rows of the same width: the student's are {student.shape[-1]} wide, the "
+                          f"teacher's {teacher.shape[-1]} (a layer-cut student has the teacher's width; use "
+                          f"procrustes, fg, cka or proj_mse across widths)")
+    s, t = select_tokens(student, mask).float(), select_tokens(teacher, mask).float()
+    d = (F.normalize(s, dim=-1) - F.normalize(t, dim=-1)).square().sum(-1).mean()
+    return d if squared else d.clamp_min(0).sqrt()
+
+
 FEATURE_LOSSES: dict[str, FeatureLoss] = {
     "procrustes": FeatureLoss("procrustes", procrustes_distance),
     "fg": FeatureLoss("fg", feature_gram_distance),
     "cka": FeatureLoss("cka", cka_distance),
     "proj_mse": FeatureLoss("proj_mse", learned=True),
+    "pkd": FeatureLoss("pkd", pkd_distance),  # classification tasks (the paper's BERT baseline)
 }
 
 

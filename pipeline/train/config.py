@@ -10,7 +10,8 @@ from pipeline.train.ds_config import PRECISIONS, global_batch
 
 MODES = ("sft", "distill")
 LOSS_CHOICES = (*FEATURE_LOSSES, "none")
-KD_SOURCES = ("auto", "final", "topk", "none")
+KD_SOURCES = ("auto", "final", "topk", "class", "none")  # class: an encoder classifier's stored class logits
+FEATURE_ROWS = ("tokens", "cls")
 TEACHER_MODES = ("auto", "stored", "online")
 NONFINITE = ("stop", "skip")
 
@@ -47,9 +48,13 @@ class TrainConfig:
         "help": "w_l per pair (default 1/n_pairs each)"})
     n_layer_pairs: int = field(default=2, metadata={"help": "pairs of the default layer map"})
     kd: Literal[KD_SOURCES] = field(default="auto", metadata={
-        "help": "KD source: final (exact logits from the stored final state), topk, none, auto (final if stored, "
-                "else topk, else none when alpha is 0)"})
+        "help": "KD source: final (exact logits from the stored final state), topk, class (a classifier's class "
+                "logits), none, auto (class on classification data, else final if stored, else topk, else none when "
+                "alpha is 0)"})
     kd_temperature: float = field(default=1.0, metadata={"help": "KD temperature"})
+    feature_rows: Literal[FEATURE_ROWS] = field(default="tokens", metadata={
+        "help": "classification tasks: the rows the feature distances compare: tokens (every token of the batch, as "
+                "for decoders) or cls (one [CLS] row per example); pkd always compares [CLS] rows"})
     token_rule: str = field(default="outliers:4", metadata={
         "help": "token rows the feature loss compares: outliers:C leaves out rows whose centred teacher norm is above "
                 "C x the median (massive activations), all, rownorm, outliers:C+rownorm"})
@@ -105,6 +110,7 @@ class TrainConfig:
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required")
         choices = (("mode", MODES), ("loss", LOSS_CHOICES), ("kd", KD_SOURCES), ("nonfinite", NONFINITE),
+                   ("feature_rows", FEATURE_ROWS),
                    ("teacher_mode", TEACHER_MODES), ("precision", PRECISIONS))
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
@@ -186,3 +192,12 @@ def check_train_steps(runs: list[list[str]]) -> None:
 
     for args in runs:
         parse_config(TrainConfig, args[1:]).check()
+
+
+def pair_key(s: int, t: int) -> str:
+    """A layer pair's name in logs and metrics: s<student hidden state>_t<teacher hidden state>."""
+    return f"s{s}_t{t}"
+
+
+def pair_name(loss: str, s: int, t: int) -> str:
+    return f"{loss}/{pair_key(s, t)}"

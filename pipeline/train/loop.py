@@ -100,7 +100,8 @@ def _targets(run: Run, batch: dict[str, Any], layers: list[int], valid: bool = F
     if obj.mode == "sft":
         return None
     if run.teacher is not None:
-        return online_targets(run.teacher, batch["input_ids"], batch["attention_mask"], layers, final=obj.uses_kd)
+        return online_targets(run.teacher, batch["input_ids"], batch["attention_mask"], layers,
+                              final=obj.uses_kd and not obj.classifier, token_type_ids=batch.get("token_type_ids"))
     if valid and run.valid_store is None:
         return None
     return stored_targets(batch, run.head, layers)
@@ -231,7 +232,8 @@ def train_steps(run: Run, logger: Logger, state: DataPosition, stop_at: int) -> 
             for micro in range(cfg.grad_accum):
                 batch = to_device(next(batches), run.device)
                 terms = eng(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            labels=batch["labels"], teacher=_targets(run, batch, layers))
+                            labels=batch["labels"], teacher=_targets(run, batch, layers),
+                            token_type_ids=batch.get("token_type_ids"))
                 if _any_nonfinite(terms["loss"], run):
                     if cfg.nonfinite == "stop":
                         raise _diverged(run, state.global_step + 1, terms)
@@ -303,7 +305,8 @@ def validate(run: Run) -> dict[str, float]:
         batch = to_device(run.valid_collate([run.valid_set[p] for p in positions]), run.device)
         teacher = _targets(run, batch, layers, valid=True)
         out = eng(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                  teacher=teacher, return_hidden=True, ce_only=teacher is None)
+                  teacher=teacher, return_hidden=True, ce_only=teacher is None,
+                  token_type_ids=batch.get("token_type_ids"))
         values = {k: float(v) for k, v in out.items() if k != "hidden"}
         if teacher is not None and pairs:
             dists = feature_distances(out["hidden"], teacher.layers, batch["attention_mask"], pairs)

@@ -27,11 +27,12 @@ from pipeline.geometry import (
     logit_kd, procrustes_distance,
 )
 from pipeline.models import FINAL, layer_map, mapped_teacher_layers, record_hidden_states
-from pipeline.train.config import TrainConfig, parse_layer_map
+from pipeline.train.config import TrainConfig, pair_key, pair_name, parse_layer_map
+from pipeline.train.classifier import classifier_terms
 from pipeline.train.targets import TeacherTargets
 
 Mode = Literal["sft", "distill"]
-KDSource = Literal["final", "topk", "none"]
+KDSource = Literal["final", "topk", "class", "none"]
 Layer = int | str  # a hidden-state index or FINAL
 
 
@@ -48,6 +49,8 @@ class Objective:
     kd: KDSource
     temperature: float = 1.0
     rule: TokenRule = DEFAULT_TOKEN_RULE
+    classifier: bool = False  # an encoder on a classification task (pipeline/train/classifier.py)
+    rows: str = "tokens"  # a classifier's feature rows: every token, or one [CLS] row per example
 
     @property
     def uses_features(self) -> bool:
@@ -107,10 +110,14 @@ def default_kd_source(vocab_size: int) -> tuple[KDSource, str]:
     return "final", f"exact KD: the vocabulary ({vocab_size:,}) is at most {EXACT_KD_MAX_VOCAB:,}"
 
 
-def build_objective(cfg: TrainConfig, n_student: int, n_teacher: int, store: FeatureStore | None) -> Objective:
-    """The objective of a run's options; `store` (a FeatureStore, or None for an online teacher) decides `kd auto`."""
+def build_objective(cfg: TrainConfig, n_student: int, n_teacher: int, store: FeatureStore | None,
+                    classifier: bool = False) -> Objective:
+    """The objective of a run's options; `store` (a FeatureStore, or None for an online teacher) decides `kd auto`;
+    `classifier`: the data is a classification task (class-logit KD; pkd and --feature_rows apply)."""
     if cfg.mode == "sft":
-        return Objective("sft", 0.0, 0.0, "none", (), (), "none", cfg.kd_temperature)
+        return Objective("sft", 0.0, 0.0, "none", (), (), "none", cfg.kd_temperature, classifier=classifier)
+    if classifier or cfg.kd == "class" or cfg.loss == "pkd":
+        return classifier_objective(cfg, n_student, n_teacher, store, classifier)
     try:
         pairs = layer_map(n_student, n_teacher, parse_layer_map(cfg.layer_map), cfg.n_layer_pairs)
     except ValueError as e:
@@ -136,12 +143,27 @@ def build_objective(cfg: TrainConfig, n_student: int, n_teacher: int, store: Fea
                      TokenRule.parse(cfg.token_rule))
 
 
-def pair_key(s: int, t: int) -> str:
-    return f"s{s}_t{t}"
-
-
-def pair_name(loss: str, s: int, t: int) -> str:
-    return f"{loss}/{pair_key(s, t)}"
+def classifier_objective(cfg: TrainConfig, n_student: int, n_teacher: int, store: FeatureStore | None,
+                         classifier: bool) -> Objective:
+    if not classifier:
+        what = "--kd class" if cfg.kd == "class" else "--loss pkd"
+        raise ConfigError(f"{what} is for classification tasks (an encoder on data prepared with --task); "
+                          f"{cfg.data} is instruction data")
+    if cfg.kd in ("final", "topk"):
+        raise ConfigError(f"--kd {cfg.kd} distils a causal LM's token logits; a classifier distils its class "
+                          f"logits (--kd class or auto)")
+    kd = "none" if cfg.alpha == 0 or cfg.kd == "none" else "class"
+    if kd == "class" and store is not None and not store.has_class_logits:
+        raise ConfigError(f"--features {cfg.features} holds no class logits (a causal LM's store); cache the "
+                          f"fine-tuned classifier teacher on this data")
+    try:
+        pairs = layer_map(n_student, n_teacher, parse_layer_map(cfg.layer_map), cfg.n_layer_pairs)
+    except ValueError as e:
+        raise ConfigError(f"--layer_map / --n_layer_pairs: {e}") from e
+    weights = list(cfg.layer_weights) or [1.0 / len(pairs)] * len(pairs)
+    return Objective("distill", cfg.alpha, cfg.beta, cfg.loss, tuple(pairs), tuple(weights), kd,
+                     cfg.kd_temperature, TokenRule.parse(cfg.token_rule), classifier=True,
+                     rows="cls" if cfg.loss == "pkd" else cfg.feature_rows)
 
 
 class StudentWithHeads(nn.Module):
@@ -163,11 +185,14 @@ class StudentWithHeads(nn.Module):
                 self.projections[pair_key(s, t)] = loss.make_params(d_s, teacher_dims[t])
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                teacher: TeacherTargets | None = None, return_hidden: bool = False, ce_only: bool = False
-                ) -> dict[str, Any]:
+                teacher: TeacherTargets | None = None, return_hidden: bool = False, ce_only: bool = False,
+                token_type_ids: Tensor | None = None) -> dict[str, Any]:
         """Loss terms; with `return_hidden`, also "hidden": the mapped student layers (for validation reports);
         `ce_only` skips the teacher terms (validation when no teacher targets exist for that split)."""
         obj = self.objective
+        if obj.classifier:
+            return classifier_terms(self, input_ids, attention_mask, token_type_ids, labels, teacher, return_hidden,
+                                    ce_only)
         student_layers = obj.student_layers(with_report=return_hidden)
         # Hooks on the decoder layers' outputs; they are removed when the block ends, so the recomputation of a
         # checkpointed layer in backward does not fire them (and the tensors kept are the forward's own outputs).

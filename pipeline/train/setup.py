@@ -27,6 +27,7 @@ from pipeline.errors import ConfigError
 from pipeline.features.store import FeatureStore
 from pipeline.io import check_folder_is_ours, hold_folder_lock
 from pipeline.models import FINAL, load_model, model_fingerprint, model_shape
+from pipeline.models.encoders import load_classifier, load_frozen_classifier
 from pipeline.models.teacher import LMHead, load_frozen_teacher
 from pipeline.runtime import (DistInfo, dist_info, ensure_dist_env, pick_device, seed_everything,
                               skip_unused_deepspeed_ops, torch_dtype)
@@ -126,7 +127,9 @@ def plan_run(cfg: TrainConfig) -> Plan:
     tmode = teacher_mode(cfg)
     inputs: dict[str, Any] = {"data": {"path": str(Path(cfg.data).resolve()), "fingerprint": data.fingerprint},
                               "student": cfg.student, "teacher_mode": tmode}
-    d_student, n_student = model_shape(cfg.student, "student")
+    task = data.task  # a classification task: encoders, class logits (pipeline/train/classifier.py)
+    classifier = task is not None
+    d_student, n_student = model_shape(cfg.student, "student", classifier=classifier)
 
     # The teacher: a feature store (the model is never loaded), or a frozen model run every step.
     store = valid_store = None
@@ -141,11 +144,15 @@ def plan_run(cfg: TrainConfig) -> Plan:
         inputs["features"] = {"path": str(Path(cfg.features).resolve()),
                               "teacher_fingerprint": store.teacher_fingerprint}
     elif tmode == "online":
-        d_teacher, n_teacher = model_shape(cfg.teacher, "teacher")
+        d_teacher, n_teacher = model_shape(cfg.teacher, "teacher", classifier=classifier)
         teacher_dims = {t: d_teacher for t in range(n_teacher + 1)}
     else:
         n_teacher = 0
-    objective = build_objective(cfg, n_student, n_teacher, store)
+    objective = build_objective(cfg, n_student, n_teacher, store, classifier=classifier)
+    if objective.loss == "pkd" and objective.uses_features and d_student != teacher_dims.get(objective.pairs[0][1]):
+        raise ConfigError(f"--loss pkd compares [CLS] rows of the same width: the student's are {d_student} wide, "
+                          f"the teacher's {teacher_dims.get(objective.pairs[0][1])} (a layer-cut student has the "
+                          f"teacher's width; across widths use procrustes, fg, cka or proj_mse)")
 
     if store is not None:
         # A --teacher directory given with stored features must be the one that made them (a preset's weights
@@ -229,7 +236,11 @@ def load_student(cfg: TrainConfig, plan: Plan, stage: int) -> Any:
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(plan.ds_config)  # noqa: F841  (Hugging Face partitions while loading)
-    student = load_model(cfg.student, tokenizer=plan.tokenizer, seed=cfg.seed)
+    task = plan.data.task
+    if task is not None:
+        student = load_classifier(cfg.student, task["labels"], seed=cfg.seed, option="student")
+    else:
+        student = load_model(cfg.student, tokenizer=plan.tokenizer, seed=cfg.seed)
     del hf_ds  # later from_pretrained calls (e.g. reloading the saved model) load whole again
     if len(plan.tokenizer) > student.config.vocab_size:
         raise ConfigError(f"--student {cfg.student}: vocabulary {student.config.vocab_size} < the prepared data's "
@@ -268,8 +279,11 @@ def setup(cfg: TrainConfig, plan: Plan | None = None) -> Run:
     teacher = head = None
     if plan.teacher_mode == "online":
         # Loaded before any ZeRO-3 context so it stays whole on every rank (it is not trained).
-        teacher, _ = load_frozen_teacher(cfg.teacher, tokenizer=plan.tokenizer, dtype=dtype, device=device,
-                                         world_size=dist.world_size, seed=cfg.seed)
+        if plan.data.task is not None:
+            teacher = load_frozen_classifier(cfg.teacher, plan.data.task["labels"], dtype=dtype, device=device)
+        else:
+            teacher, _ = load_frozen_teacher(cfg.teacher, tokenizer=plan.tokenizer, dtype=dtype, device=device,
+                                             world_size=dist.world_size, seed=cfg.seed)
         plan.inputs["teacher"] = {"spec": cfg.teacher, "fingerprint": model_fingerprint(
             teacher if cfg.teacher.startswith("preset:") else cfg.teacher)}
     elif store is not None and objective.kd == "final":
@@ -297,7 +311,8 @@ def setup(cfg: TrainConfig, plan: Plan | None = None) -> Run:
     pad = plan.tokenizer.pad_token_id
     return Run(cfg=cfg, dist=dist, device=device, out=out, engine=engine, stage=stage, objective=objective,
                tokenizer=plan.tokenizer, train_set=train_set, valid_set=valid_set, valid_store=plan.valid_store,
-               teacher=teacher, head=head, collate=make_collate(pad, store is not None),
-               valid_collate=make_collate(pad, plan.valid_store is not None), steps_per_epoch=steps_per_epoch,
+               teacher=teacher, head=head, collate=make_collate(pad, store is not None, objective.classifier),
+               valid_collate=make_collate(pad, plan.valid_store is not None, objective.classifier),
+               steps_per_epoch=steps_per_epoch,
                total_steps=total_steps, inputs=plan.inputs, ds_config=plan.ds_config, elastic=plan.elastic,
                lock=lock)
