@@ -39,6 +39,10 @@ class EvalConfig:
                           "fastchat:QUESTIONS.jsonl:ANSWERS.jsonl"},
     )
     data_dir: str = field(default_factory=default_data_dir, metadata={"help": "folder holding the registry's files"})
+    data: str = field(default="", metadata={
+        "help": "prepared classification data (prepare --task): score encoder classifiers on its --split with the "
+                "task's metric instead of the instruction-following benchmarks"})
+    split: str = field(default="valid", metadata={"help": "with --data: the split to score (GLUE's dev is 'valid')"})
     field_map: list[str] = field(
         default_factory=list,
         metadata={"help": "for JSONL paths and hub sets: ours=theirs pairs, e.g. output=answer input=context",

@@ -27,7 +27,8 @@ def markdown_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(results: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
+def bar_chart(results: dict[str, dict[str, dict[str, Any]]], path: Path,
+              ylabel: str = "ROUGE-L (mean ± std over seeds)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,7 +47,7 @@ def bar_chart(results: dict[str, dict[str, dict[str, Any]]], path: Path) -> None
         ax.bar(xs, means, width, yerr=stds, capsize=3, label=model)
     ax.set_xticks(range(len(benches)))
     ax.set_xticklabels(benches)
-    ax.set_ylabel("ROUGE-L (mean ± std over seeds)")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize="small")
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -19,6 +19,9 @@ Common options:
     --max-prompt-length 256 --max-length 512 --max-new-tokens 0 (0 = max_length - max_prompt_length)
     --prompt-truncation right|left   right (default) keeps the first tokens, as MiniLLM; left keeps the end
 
+Classifiers (GLUE): ./run.sh eval --data PREPARED --models DIR [DIR ...] [--split valid] scores encoder
+classifiers on a split of data prepared with --task, with the task's metric (eval/classify.py).
+
 Several ranks: torchrun --nproc_per_node K -m stages.eval --models DIR ...  (each rank generates a slice; rank 0
 gathers in order, scores and writes). Outputs in --out: scores.json, scores.md, scores.png (bar chart),
 tensorboard/<model>/, generations/<model>/<set>/seed<N>.jsonl. Options: eval/config.py; the work: eval/runner.py.
@@ -34,11 +37,23 @@ from eval.config import EvalConfig
 from eval.report import markdown_table
 from eval.runner import evaluate
 from pipeline.config import stage_main
+from pipeline.errors import ConfigError
 from pipeline.runtime import dist_info
 
 
 def run(config: EvalConfig) -> None:
     start = time.time()
+    if config.data:  # classifiers on a prepared classification task (GLUE): the task's metric, no generation
+        from eval.classify import score_classifiers
+        from eval.runner import model_names
+
+        if not config.models:
+            raise ConfigError("--models: give at least one classifier directory")
+        scores = score_classifiers(config.models, config.names or model_names(config.models), config.data,
+                                   config.split, config.out, config.batch_size)
+        print(f"[eval] wrote {config.out}/scores.json, scores.md ({len(scores['results'])} model(s)) in "
+              f"{time.time() - start:.1f}s")
+        return
     scores = evaluate(config)
     if dist_info().is_main:
         print(markdown_table({m: scores["results"][m] for m in scores["results"]}), end="")
