@@ -13,7 +13,9 @@ its CI, the paired t-test over training seeds (primary, Holm-corrected over the 
 reference), Wilcoxon's signed-rank test, and a paired bootstrap over prompts (against SFT too when it ran).
 OUT/report.md, OUT/forest.png, OUT/study.json. Each step is its own process; a killed study resumes where it stopped.
 --grid KEY=V1,V2,...: each method whose objective uses KEY (alpha: the KD methods; beta: those with a feature
-loss; layer_map: distillation methods, pairs joined by '+', e.g. layer_map=1:2+2:4,2:4) once per value.
+loss; layer_map: distillation methods, pairs joined by '+', e.g. layer_map=1:2+2:4,2:4; feature_rows=tokens,cls:
+a classification task's feature losses but PKD's) once per value.
+--task cola|rte|mrpc: the same study on a GLUE task with a BERT-family --teacher (pipeline/experiments/glue.py).
 --quick only changes defaults (methods, seeds, steps, prompts, sampling seeds): an option you give is kept. Every
 method name, grid key and value, seed list and model is checked before anything is prepared or trained.
 """
@@ -33,6 +35,8 @@ from pipeline.config import config_to_dict, save_config, stage_main
 from pipeline.errors import ConfigError
 from pipeline.models import layer_map, mapped_teacher_layers
 from pipeline.experiments.stats import compare, mean_ci, with_holm
+from pipeline.experiments import glue
+from pipeline.experiments.glue import GLUE_METHODS, GLUE_TASKS, LAYER_MAP, STUDENT_LAYERS, default_glue_dir
 from pipeline.experiments.steps import (
     DEFAULT_METHODS, cache_for, method_args, method_settings, per_prompt_scores, prepare_builtin,
     run_step, train_step, validation_geometry,
@@ -40,18 +44,28 @@ from pipeline.experiments.steps import (
 from pipeline.train.config import TrainConfig, check_train_steps, parse_layer_map
 
 GRID_KEYS = {"alpha": lambda m: m != "sft", "beta": lambda m: method_settings(m)[1] != "none",
-             "layer_map": lambda m: m != "sft"}
+             "layer_map": lambda m: m != "sft", "feature_rows": lambda m: method_settings(m)[1] not in ("none", "pkd")}
 
 
+TRAIN = {"teacher_steps": 300, "micro_batch_size": 16, "lr": 1e-3}
 QUICK = {"methods": ["sft", "kd", "kd_procrustes"], "seeds": [0, 1, 2], "student_steps": 200, "eval_samples": 60,
-         "sampling_seeds": [10, 20]}
+         "sampling_seeds": [10, 20], **TRAIN}
 FULL = {"methods": list(DEFAULT_METHODS), "seeds": [0, 1, 2, 3, 4], "student_steps": 300, "eval_samples": 100,
-        "sampling_seeds": [10, 20, 30, 40, 50]}
+        "sampling_seeds": [10, 20, 30, 40, 50], **TRAIN}
+# GLUE (--task): MiniLM-L6-sized encoders on 2 CPU cores; --quick trains on the first 2,000 examples.
+GLUE_TRAIN = {"micro_batch_size": 32, "lr": 1e-4, "eval_samples": 0, "sampling_seeds": [0]}
+GLUE_QUICK = {"methods": ["sft", "kd", "kd_pkd", "kd_procrustes"], "seeds": [0, 1, 2], "student_steps": 60,
+              "teacher_steps": 120, "limit": 2000, **GLUE_TRAIN}
+GLUE_FULL = {"methods": list(GLUE_METHODS), "seeds": [0, 1, 2, 3, 4], "student_steps": 800, "teacher_steps": 800,
+             "limit": 0, **GLUE_TRAIN}
 
 
 def _default(name: str) -> str:
     show = lambda v: " ".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
-    return f"default {show(FULL[name])}; with --quick {show(QUICK[name])}"
+    text = f"default {show(FULL[name])}; with --quick {show(QUICK[name])}" if name in FULL else ""
+    if name in GLUE_FULL and name not in ("eval_samples", "sampling_seeds"):
+        text += f"{'; ' if text else ''}--task: {show(GLUE_FULL[name])}, with --quick {show(GLUE_QUICK[name])}"
+    return text
 
 
 @dataclass
@@ -61,17 +75,28 @@ class StudyConfig:
         "help": f"sft, kd or kd_<feature loss> ({_default('methods')})"})
     seeds: list[int] = field(default_factory=list, metadata={"help": f"training seeds ({_default('seeds')})"})
     reference: str = field(default="kd", metadata={"help": "every method is compared with this one (and SFT)"})
-    grid: list[str] = field(default_factory=list, metadata={"help": "KEY=V1,V2,... (alpha, beta, layer_map)"})
+    grid: list[str] = field(default_factory=list, metadata={
+        "help": "KEY=V1,V2,... (alpha, beta, layer_map, feature_rows)"})
     teacher: str = field(default="preset:tiny-teacher", metadata={
         "help": "a trained teacher model dir, or a preset to train by SFT here"})
     student: str = field(default="preset:tiny-student")
     tokenizer: str = field(default="builtin-tiny", metadata={"help": "for the built-in data"})
     data: str = field(default="", metadata={"help": "a prepared folder with train and valid (default: built-in)"})
     test: str = field(default="", metadata={"help": "a prepared folder with the test split (default: built-in)"})
-    teacher_steps: int = 300
+    teacher_steps: Optional[int] = field(default=None, metadata={"help": _default("teacher_steps")})
     student_steps: Optional[int] = field(default=None, metadata={"help": _default("student_steps")})
-    micro_batch_size: int = 16
-    lr: float = 1e-3
+    micro_batch_size: Optional[int] = field(default=None, metadata={"help": _default("micro_batch_size")})
+    lr: Optional[float] = field(default=None, metadata={"help": _default("lr")})
+    task: str = field(default="", metadata={
+        "help": f"a GLUE task ({', '.join(GLUE_TASKS)}) from --glue_dir: distil a BERT-family encoder (--teacher DIR, "
+                f"fine-tuned here unless it is a classifier already) and score with the task's metric"})
+    glue_dir: str = field(default_factory=default_glue_dir, metadata={"help": "folder of the GLUE tasks' folders"})
+    student_layers: str = field(default=STUDENT_LAYERS, metadata={
+        "help": "--task: the teacher layers (0-based) the student keeps, cut from the fine-tuned teacher"})
+    teacher_lr: float = field(default=5e-5, metadata={"help": "--task: the teacher's fine-tuning learning rate"})
+    max_len: int = field(default=128, metadata={"help": "--task: tokens per example at most"})
+    limit: Optional[int] = field(default=None, metadata={"help": "--task: train examples used, 0: all (" +
+                                                         _default("limit") + ")"})
     eval_samples: Optional[int] = field(default=None, metadata={
         "help": f"test prompts scored, 0: all ({_default('eval_samples')})"})
     sampling_seeds: list[int] = field(default_factory=list, metadata={"help": _default("sampling_seeds")})
@@ -98,10 +123,16 @@ class StudyConfig:
 
 
 def resolve_defaults(cfg: StudyConfig) -> None:
-    """Fill in what the user left out: --quick's values, else the full study's."""
-    for name, value in (QUICK if cfg.quick else FULL).items():
+    """Fill in what the user left out: --quick's values, else the full study's (a GLUE task's with --task)."""
+    if cfg.task and cfg.task not in GLUE_TASKS:
+        raise ConfigError(f"--task {cfg.task!r}: choose one of {', '.join(GLUE_TASKS)}")
+    if cfg.task and cfg.teacher.startswith("preset:"):
+        raise ConfigError("--task needs --teacher DIR, a BERT-family encoder (./run.sh get-model minilm-l6 --out DIR)")
+    defaults = (GLUE_QUICK if cfg.quick else GLUE_FULL) if cfg.task else (QUICK if cfg.quick else FULL)
+    for name, value in defaults.items():
         if getattr(cfg, name) in (None, []):
             setattr(cfg, name, value)
+
 
 
 def grid_values(cfg: StudyConfig, student_layers: int, teacher_layers: int) -> dict[str, list[str]]:
@@ -123,7 +154,7 @@ def grid_values(cfg: StudyConfig, student_layers: int, teacher_layers: int) -> d
                     layer_map(student_layers, teacher_layers, parse_layer_map(value.split("+")))
                 else:
                     TrainConfig(mode="distill", data="-", student="-", out="-", features="-",
-                                **{key: float(value)}).check()
+                                **{key: value if key == "feature_rows" else float(value)}).check()
             except ValueError as e:  # float('abc'), or a ConfigError of the train options' checks
                 raise ConfigError(f"--grid {key}={value}: "
                                   f"{e if isinstance(e, ConfigError) else 'not a number'}") from None
@@ -151,14 +182,19 @@ def plan(cfg: StudyConfig) -> tuple[list[tuple[str, dict[str, str]]], list[int]]
     """Every run of the study and the teacher layers its store needs, checked against the models' configs and
     train's own options before any work (after `StudyConfig.check`)."""
     from pipeline.models import model_shape
+    from pipeline.models.student_init import parse_layer_list
 
-    student_layers = model_shape(cfg.student, "student")[1]  # from the configs: no weights loaded
-    teacher_layers = model_shape(cfg.teacher, "teacher")[1]
+    # From the configs: no weights loaded. A GLUE student is cut from the fine-tuned teacher later.
+    teacher_layers = model_shape(cfg.teacher, "teacher", classifier=bool(cfg.task))[1]
+    student_layers = (len(parse_layer_list(cfg.student_layers, teacher_layers)) if cfg.task
+                      else model_shape(cfg.student, "student")[1])
     points = grid_points(cfg, grid_values(cfg, student_layers, teacher_layers))
+    if cfg.task:  # PKD's intermediate pairs, unless the grid sets a layer map
+        points = [(n, o if "layer_map" in o or n == "sft" else {**o, "layer_map": LAYER_MAP}) for n, o in points]
     names = [n for n, _ in points]
     if cfg.reference not in names:
         raise ConfigError(f"--reference {cfg.reference!r} must be one of the runs ({', '.join(names)})")
-    for folder, option in ((cfg.data, "data"), (cfg.test, "test")):
+    for folder, option in ((cfg.data, "data"), (cfg.test, "test")) if not cfg.task else ():
         if bool(cfg.data) != bool(cfg.test) or (folder and not (Path(folder) / "manifest.json").is_file()):
             raise ConfigError(f"--data and --test go together, each a prepared folder (--{option} {folder!r})")
     stores = {"train": Path("-"), "valid": Path("-")}
@@ -172,6 +208,8 @@ def plan(cfg: StudyConfig) -> tuple[list[tuple[str, dict[str, str]]], list[int]]
 
 
 def run(cfg: StudyConfig) -> dict:
+    if cfg.task:
+        return run_glue(cfg)
     points, layers = plan(cfg)
     names = [n for n, _ in points]
     out = Path(cfg.out)
@@ -206,6 +244,47 @@ def run(cfg: StudyConfig) -> dict:
 
     print("[study] 4/5 statistics")
     results = analyse(cfg, names, runs, out / "eval")
+    results.update(layers=layers, wall_s=round(time.time() - started, 1), config=config_to_dict(cfg))
+    (out / "study.json").write_text(json.dumps(results, indent=2))
+    print("[study] 5/5 report")
+    forest_plot(results, out / "forest.png")
+    report = write_report(cfg, results, out)
+    print("\n" + report + f"\n[study] wrote {out / 'report.md'}, {out / 'forest.png'}, {out / 'study.json'}")
+    return results
+
+
+def run_glue(cfg: StudyConfig) -> dict:
+    """The study on a GLUE task: the same runs and statistics, the task's metric in place of ROUGE-L."""
+    points, layers = plan(cfg)
+    names, out = [n for n, _ in points], Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "study_config.yaml")
+    log, started = out / "study.log", time.time()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    print(f"[study] 1/5 {cfg.task}: data, the fine-tuned teacher, its student and its features")
+    data = glue.prepare_task(cfg.task, cfg.glue_dir, cfg.teacher, out / "data", log, cfg.max_len, cfg.limit)
+    teacher = Path(cfg.teacher)
+    if not glue.is_fine_tuned(teacher):
+        args = train_args(cfg, out / "teacher", data, cfg.teacher, cfg.teacher_steps, 0)
+        teacher = glue.train_classifier(args + ["--mode", "sft", "--lr", str(cfg.teacher_lr)], out / "teacher", log)
+    student = glue.cut_student(teacher, cfg.student_layers, out / "student", log)
+    features = glue.cache_task(data, teacher, layers, out / "features", log)
+    print(f"[study] 2/5 {len(points)} runs x {len(cfg.seeds)} training seeds")
+    runs = {}
+    for name, overrides in points:
+        for seed in cfg.seeds:
+            run_dir = out / "runs" / name / f"seed{seed}"
+            args = train_args(cfg, run_dir, data, str(student), cfg.student_steps, seed)
+            train_step(args + method_args(name.split("__")[0], features, overrides), run_dir, log)
+            runs[name, seed] = run_dir
+    print("[study] 3/5 score every student, the teacher and the untrained student")
+    models = {"teacher": teacher, "student_untrained": student,
+              **{f"{n}__seed{s}": d / "model" for (n, s), d in runs.items()}}
+    scores = glue.score(models, data, out / "eval", log)
+    print("[study] 4/5 statistics")
+    from eval.bootstrap import paired_metric_bootstrap
+
+    results = glue.analyse(names, cfg.seeds, cfg.reference, runs, out / "eval", scores, paired_metric_bootstrap)
     results.update(layers=layers, wall_s=round(time.time() - started, 1), config=config_to_dict(cfg))
     (out / "study.json").write_text(json.dumps(results, indent=2))
     print("[study] 5/5 report")
@@ -258,35 +337,46 @@ def forest_plot(results: dict, path: Path) -> None:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_title("blue: paired t-test over training seeds, Holm-corrected p < 0.05; grey: not", fontsize=9)
     ax.set_yticks(range(len(rows)), [c["method"] for c in rows])
-    ax.set_xlabel(f"ROUGE-L difference vs {rows[0]['reference']} (mean over {len(results['seeds'])} training "
-                  f"seeds, 95% CI)")
+    ax.set_xlabel(f"{label(results)} difference vs {rows[0]['reference']} (mean over {len(results['seeds'])} "
+                  f"training seeds, 95% CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def label(results: dict) -> str:
+    return f"{results['benchmark']} {results['metric'].upper()}" if "metric" in results else "ROUGE-L"
+
+
 def write_report(cfg: StudyConfig, results: dict, out: Path) -> str:
     fmt = lambda e: "-" if e is None else f"{e['mean']:.2f} [{e['low']:.2f}, {e['high']:.2f}]"  # noqa: E731
     fmt4 = lambda e: "-" if e is None else f"{e['mean']:.4f} [{e['low']:.4f}, {e['high']:.4f}]"  # noqa: E731
-    lines = ["# geokd method study", "",
-             f"{len(results['seeds'])} training seeds x {len(cfg.sampling_seeds)} sampling seeds; student "
-             f"`{cfg.student}`, {cfg.student_steps} steps; teacher `{cfg.teacher}`; {cfg.eval_samples or 'all'} "
-             f"test prompts; ROUGE-L x100. Mean [95% CI over training seeds].", "",
-             "| run | ROUGE-L | valid CE | D_P | D_FG | D_CKA |", "|---|---|---|---|---|---|"]
+    glue_run, score = "metric" in results, "score" if "metric" in results else "rouge_l"
+    setup = (f"student: teacher layers {cfg.student_layers} of the fine-tuned `{cfg.teacher}`, {cfg.student_steps} "
+             f"steps; {results['benchmark']} dev set" if glue_run else
+             f"{len(cfg.sampling_seeds)} sampling seeds; student `{cfg.student}`, {cfg.student_steps} steps; teacher "
+             f"`{cfg.teacher}`; {cfg.eval_samples or 'all'} test prompts")
+    lines = ["# geokd method study", "", f"{len(results['seeds'])} training seeds; {setup}; {label(results)} x100. "
+             f"Mean [95% CI over training seeds].", ""]
+    for name, sc in results.get("reference_models", {}).items():
+        lines.append(f"- {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in sc.items()))
+    lines += ["", f"| run | {label(results)} | valid CE | D_P | D_FG | D_CKA |", "|---|---|---|---|---|---|"]
     for n, m in results["methods"].items():
-        lines.append(f"| {n} | {fmt(m['rouge_l'])} | {fmt4(m['ce'])} | {fmt4(m['D_P'])} | {fmt4(m['D_FG'])} | "
+        lines.append(f"| {n} | {fmt(m[score])} | {fmt4(m['ce'])} | {fmt4(m['D_P'])} | {fmt4(m['D_FG'])} | "
                      f"{fmt4(m['D_CKA'])} |")
     for ref, rows in results["comparisons"].items():
         lines += ["", f"## Against {ref} (primary: {results['primary_test']})", "",
-                  "| run | difference [95% CI] | t-test p | Holm p | Wilcoxon p | bootstrap over prompts [95%] | "
+                  f"| run | difference [95% CI] | t-test p | Holm p | Wilcoxon p | bootstrap over "
+                  f"{'examples' if glue_run else 'prompts'} [95%] | "
                   "bootstrap p |", "|---|---|---|---|---|---|---|"]
         for c in rows:
             b = c["bootstrap"]
             lines.append(f"| {c['method']} | {fmt(c['difference'])} | {c['t_p']:.3g} | {c['holm_p']:.3g} | "
                          f"{c['wilcoxon_p']:.3g} | {b['mean']:.2f} [{b['low']:.2f}, {b['high']:.2f}] | "
                          f"{c['bootstrap_p']:.3g} |".replace("| 0 |", "| < 1e-4 |"))
-    lines += ["", "Wilcoxon's exact test cannot reach p < 0.05 with fewer than 6 seeds; the bootstrap resamples "
-              "prompts, so it speaks to these prompts, not to other training seeds.", "",
+    unit = "dev examples (the metric recomputed on each resample)" if glue_run else "prompts"
+    lines += ["", f"Wilcoxon's exact test cannot reach p < 0.05 with fewer than 6 seeds; the bootstrap resamples "
+              f"{unit}, so it speaks to these, not to other training seeds.", "",
               "![differences against the reference](forest.png)"]
     report = "\n".join(lines) + "\n"
     (out / "report.md").write_text(report)

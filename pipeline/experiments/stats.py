@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy import stats
@@ -99,11 +99,12 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 
 def compare(method: str, reference: str, per_seed: dict[str, Sequence[float]],
-            per_prompt: dict[str, np.ndarray]) -> Comparison:
+            per_prompt: dict[str, np.ndarray], bootstrap: Callable[..., tuple[Estimate, float]] | None = None
+            ) -> Comparison:
     """`per_seed[name]`: the score of each training seed (same seed order for all); `per_prompt[name]`:
-    [seeds, prompts] scores."""
+    [seeds, prompts] scores, or what `bootstrap(method's, reference's)` resamples (default `paired_bootstrap`)."""
     diffs = np.asarray(per_seed[method], dtype=np.float64) - np.asarray(per_seed[reference], dtype=np.float64)
-    boot, boot_p = paired_bootstrap(per_prompt[method], per_prompt[reference])
+    boot, boot_p = (bootstrap or paired_bootstrap)(per_prompt[method], per_prompt[reference])
     return Comparison(method, reference, mean_ci(diffs), paired_t(diffs), wilcoxon(diffs), boot, boot_p)
 
 
