@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.errors import ConfigError, GeokdError
-from pipeline.geometry import FEATURE_LOSSES
+from pipeline.geometry import CLASSIFIER_LOSSES, FEATURE_LOSSES
 
 # A method is `sft`, `kd`, or `kd_<feature loss>` (KD plus a loss of pipeline.geometry's registry).
 DEFAULT_METHODS = ["sft", "kd", "kd_cka", "kd_proj_mse", "kd_procrustes", "kd_fg"]
@@ -25,9 +25,9 @@ def method_settings(name: str) -> tuple[float, str]:
     if name == "kd":
         return KD_ALPHA, "none"
     loss = name.removeprefix("kd_")
-    if not name.startswith("kd_") or loss not in FEATURE_LOSSES:
+    if not name.startswith("kd_") or loss not in {**FEATURE_LOSSES, **CLASSIFIER_LOSSES}:
         raise ConfigError(f"--methods {name!r}: choose sft, kd or kd_<loss> with <loss> one of "
-                          f"{', '.join(FEATURE_LOSSES)}")
+                          f"{', '.join([*FEATURE_LOSSES, *CLASSIFIER_LOSSES])}")
     return KD_ALPHA, loss
 
 

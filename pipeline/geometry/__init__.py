@@ -317,12 +317,15 @@ FEATURE_LOSSES: dict[str, FeatureLoss] = {
     "fg": FeatureLoss("fg", feature_gram_distance),
     "cka": FeatureLoss("cka", cka_distance),
     "proj_mse": FeatureLoss("proj_mse", learned=True),
-    "pkd": FeatureLoss("pkd", pkd_distance),  # classification tasks (the paper's BERT baseline)
 }
+# Losses of one width only, for classification tasks (the paper's BERT baseline): not in FEATURE_LOSSES, whose
+# losses compare any two widths (the synthetic experiment and the demo run each of them).
+CLASSIFIER_LOSSES: dict[str, FeatureLoss] = {"pkd": FeatureLoss("pkd", pkd_distance)}
 
 
 def feature_loss(name: str) -> FeatureLoss:
     """The registered loss called `name`, or a ConfigError listing the choices."""
-    if name not in FEATURE_LOSSES:
-        raise ConfigError(f"unknown feature loss {name!r}; choose one of {', '.join(FEATURE_LOSSES)}")
-    return FEATURE_LOSSES[name]
+    losses = {**FEATURE_LOSSES, **CLASSIFIER_LOSSES}
+    if name not in losses:
+        raise ConfigError(f"unknown feature loss {name!r}; choose one of {', '.join(losses)}")
+    return losses[name]

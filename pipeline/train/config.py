@@ -5,11 +5,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.errors import ConfigError
-from pipeline.geometry import FEATURE_LOSSES, TokenRule
+from pipeline.geometry import CLASSIFIER_LOSSES, FEATURE_LOSSES, TokenRule
 from pipeline.train.ds_config import PRECISIONS, global_batch
 
 MODES = ("sft", "distill")
-LOSS_CHOICES = (*FEATURE_LOSSES, "none")
+LOSS_CHOICES = (*FEATURE_LOSSES, *CLASSIFIER_LOSSES, "none")
 KD_SOURCES = ("auto", "final", "topk", "class", "none")  # class: an encoder classifier's stored class logits
 FEATURE_ROWS = ("tokens", "cls")
 TEACHER_MODES = ("auto", "stored", "online")
