@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -101,6 +102,7 @@ class StudyConfig:
         "help": f"test prompts scored, 0: all ({_default('eval_samples')})"})
     sampling_seeds: list[int] = field(default_factory=list, metadata={"help": _default("sampling_seeds")})
     max_new_tokens: int = 64
+    jobs: int = field(default=1, metadata={"help": "training runs at a time (one thread each: one per core)"})
     quick: bool = field(default=False, metadata={
         "help": "a few-minute version: other defaults for --methods, --seeds, --student_steps, --eval_samples and "
                 "--sampling_seeds (each option's help shows them); what you give yourself is kept, --grid too"})
@@ -115,7 +117,7 @@ class StudyConfig:
             raise ConfigError("--sampling_seeds: at least one, each once")
         # Steps are checked here because train reads --max_steps 0 as "one epoch"; --micro_batch_size and --lr are
         # checked with every other train option by plan's check_train_steps.
-        for name in ("student_steps", "teacher_steps", "max_new_tokens"):
+        for name in ("student_steps", "teacher_steps", "max_new_tokens", "jobs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_samples < 0:
@@ -227,13 +229,7 @@ def run(cfg: StudyConfig) -> dict:
     features = cache_for(data, teacher, layers, out / "features", log)
 
     print(f"[study] 2/5 {len(points)} runs x {len(cfg.seeds)} training seeds")
-    runs = {}
-    for name, overrides in points:
-        for seed in cfg.seeds:
-            run_dir = out / "runs" / name / f"seed{seed}"
-            args = train_args(cfg, run_dir, data, cfg.student, cfg.student_steps, seed)
-            train_step(args + method_args(name.split("__")[0], features, overrides), run_dir, log)
-            runs[name, seed] = run_dir
+    runs = train_all(cfg, points, out, data, cfg.student, features, log)
 
     print("[study] 3/5 score every student")
     model_names = [f"{name}__seed{seed}" for name, seed in runs]
@@ -270,13 +266,7 @@ def run_glue(cfg: StudyConfig) -> dict:
     student = glue.cut_student(teacher, cfg.student_layers, out / "student", log)
     features = glue.cache_task(data, teacher, layers, out / "features", log)
     print(f"[study] 2/5 {len(points)} runs x {len(cfg.seeds)} training seeds")
-    runs = {}
-    for name, overrides in points:
-        for seed in cfg.seeds:
-            run_dir = out / "runs" / name / f"seed{seed}"
-            args = train_args(cfg, run_dir, data, str(student), cfg.student_steps, seed)
-            train_step(args + method_args(name.split("__")[0], features, overrides), run_dir, log)
-            runs[name, seed] = run_dir
+    runs = train_all(cfg, points, out, data, str(student), features, log)
     print("[study] 3/5 score every student, the teacher and the untrained student")
     models = {"teacher": teacher, "student_untrained": student,
               **{f"{n}__seed{s}": d / "model" for (n, s), d in runs.items()}}
@@ -292,6 +282,22 @@ def run_glue(cfg: StudyConfig) -> dict:
     report = write_report(cfg, results, out)
     print("\n" + report + f"\n[study] wrote {out / 'report.md'}, {out / 'forest.png'}, {out / 'study.json'}")
     return results
+
+
+def train_all(cfg: StudyConfig, points: list, out: Path, data: Path, student: str, features: dict, log: Path
+              ) -> dict[tuple[str, int], Path]:
+    """Every (run, training seed), --jobs at a time (each a process of one thread; their output interleaves)."""
+    runs = {(name, seed): out / "runs" / name / f"seed{seed}" for name, _ in points for seed in cfg.seeds}
+    overrides = dict(points)
+
+    def one(key: tuple[str, int]) -> None:
+        (name, seed), run_dir = key, runs[key]
+        args = train_args(cfg, run_dir, data, student, cfg.student_steps, seed)
+        train_step(args + method_args(name.split("__")[0], features, overrides[name]), run_dir, log)
+
+    with ThreadPoolExecutor(max_workers=cfg.jobs) as pool:
+        list(pool.map(one, runs))  # the first failure is raised here, after the runs already started end
+    return runs
 
 
 def train_args(cfg: StudyConfig, out: Path, data: Path, model: str, steps: int, seed: int) -> list[str]:

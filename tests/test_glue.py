@@ -164,3 +164,40 @@ def test_pkd_refuses_other_widths_with_a_message(glue):
                          glue["features_train"], "--loss", "pkd", "--layer_map", "1:2", "--out",
                          glue["root"] / "bad_pkd")
     assert r.returncode == 2 and "pkd compares [CLS] rows of the same width" in r.stderr
+
+
+def test_a_tiny_glue_study_runs_two_at_a_time_and_reports_the_task_s_metric(glue):
+    out = glue["root"] / "study"
+    r = stage_process("study", "--task", "cola", "--glue_dir", glue["root"], "--teacher", glue["base"], "--out", out,
+                      "--methods", "kd", "kd_pkd", "--seeds", "0", "1", "--teacher_steps", "4", "--student_steps",
+                      "2", "--student_layers", "1,3", "--micro_batch_size", "16", "--jobs", "2", timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    results = json.loads((out / "study.json").read_text())
+    assert results["metric"] == "mcc" and results["benchmark"] == "cola" and set(results["methods"]) == {"kd", "kd_pkd"}
+    assert set(results["reference_models"]) == {"teacher", "student_untrained"}
+    scores = json.loads((out / "eval" / "scores.json").read_text())["results"]
+    per_seed = [scores[f"kd_pkd__seed{s}"]["cola"]["mean"] for s in (0, 1)]
+    assert results["methods"]["kd_pkd"]["score_per_seed"] == per_seed
+    (versus_kd,) = results["comparisons"]["kd"]
+    assert versus_kd["method"] == "kd_pkd" and 0 <= versus_kd["bootstrap_p"] <= 1
+    report = (out / "report.md").read_text()
+    assert "cola MCC" in report and "bootstrap over examples" in report and (out / "forest.png").is_file()
+
+
+def test_the_metric_bootstrap_recomputes_the_metric_on_each_resample():
+    import numpy as np
+
+    from eval.bootstrap import metric_per_seed, paired_metric_bootstrap
+    from eval.metrics import task_scores
+
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 2, 400)
+    good = np.where(rng.random((3, 400)) < 0.85, gold, 1 - gold)
+    poor = np.where(rng.random((3, 400)) < 0.65, gold, 1 - gold)
+    for metric, key in (("mcc", "mcc"), ("f1", "f1"), ("accuracy", "accuracy")):
+        assert metric_per_seed(good, gold, metric) == pytest.approx(
+            [task_scores(metric, p.tolist(), gold.tolist())[key] for p in good])
+        est, p = paired_metric_bootstrap(good, poor, gold, metric)
+        assert est.low < est.mean < est.high and est.mean > 0 and p < 0.01
+    same, p_same = paired_metric_bootstrap(good, good[::-1], gold, "mcc")
+    assert same.low <= 0 <= same.high and p_same > 0.05
