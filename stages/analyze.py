@@ -20,13 +20,14 @@ from typing import Any, Iterator
 import torch
 
 from pipeline.config import stage_main
-from pipeline.data.prepared import PreparedData, collate_batch
+from pipeline.data.prepared import PreparedData, collate_batch, collate_classification
 from pipeline.errors import ConfigError
 from pipeline.geometry import DEFAULT_TOKEN_RULE
 from pipeline.features.analysis import analyze_batches
 from pipeline.features.store import FeatureDataset, FeatureStore, collate_with_features
 from pipeline.io import atomic_dir, write_json_atomic
 from pipeline.models import capture_hidden_states, model_shape
+from pipeline.models.encoders import load_classifier
 from pipeline.models.teacher import load_frozen_teacher
 from pipeline.runtime import pick_device
 
@@ -52,13 +53,20 @@ class AnalyzeConfig:
             raise ConfigError("--micro_batch_size must be >= 1 and --samples >= 0")
 
 
-def teacher_batches(cfg: AnalyzeConfig, tokens: Any, tok: Any, layers: list[int]) -> Iterator[tuple]:
-    model, device = load_frozen_teacher(cfg.teacher, tokenizer=tok, dtype=torch.float32, device=pick_device())
+def teacher_batches(cfg: AnalyzeConfig, tokens: Any, tok: Any, layers: list[int], task: dict | None
+                    ) -> Iterator[tuple]:
+    if task is not None:  # an encoder on a classification task: a base encoder will do, its head is not used
+        device = pick_device()
+        model = load_classifier(cfg.teacher, task["labels"], option="teacher").to(device).eval()
+    else:
+        model, device = load_frozen_teacher(cfg.teacher, tokenizer=tok, dtype=torch.float32, device=pick_device())
     pad_id = tok.pad_token_id
     for positions in _chunks(len(tokens), cfg):
-        batch = collate_batch([tokens[p] for p in positions], pad_id)
-        hidden = capture_hidden_states(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                       layers)
+        batch = (collate_classification if task else collate_batch)([tokens[p] for p in positions], pad_id)
+        types = batch.get("token_type_ids")
+        with torch.no_grad():
+            hidden = capture_hidden_states(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                           layers, token_type_ids=None if types is None else types.to(device))
         yield {k: v.cpu() for k, v in hidden.items()}, batch["attention_mask"], batch["input_ids"]
 
 
@@ -139,12 +147,12 @@ def run(cfg: AnalyzeConfig) -> None:
             raise ConfigError(f"--layers {missing}: not in {cfg.features} (it has {store.layers})")
         batches = store_batches(cfg, tokens, tok.pad_token_id, layers)
     else:
-        depth = model_shape(cfg.teacher, "teacher")[1]
+        depth = model_shape(cfg.teacher, "teacher", classifier=data.task is not None)[1]
         layers = list(cfg.layers) or sorted({max(1, round(depth * f)) for f in (1 / 6, 1 / 3, 1 / 2, 2 / 3, 5 / 6, 1)})
         bad = [x for x in layers if not 0 <= x <= depth]
         if bad:
             raise ConfigError(f"--layers {bad}: the teacher's hidden states are 0..{depth}")
-        batches = teacher_batches(cfg, tokens, tok, layers)
+        batches = teacher_batches(cfg, tokens, tok, layers, data.task)
     report = analyze_batches(batches, layers, lambda i: tok.decode([i]))
     with atomic_dir(out) as tmp:
         write_json_atomic(tmp / "analysis.json", {"source": cfg.features or cfg.teacher, "data": cfg.data,
