@@ -4,6 +4,7 @@ with equal losses, score with the task's metric; and one clear line for each mis
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -201,3 +202,48 @@ def test_the_metric_bootstrap_recomputes_the_metric_on_each_resample():
         assert est.low < est.mean < est.high and est.mean > 0 and p < 0.01
     same, p_same = paired_metric_bootstrap(good, good[::-1], gold, "mcc")
     assert same.low <= 0 <= same.high and p_same > 0.05
+
+
+def test_real_minilm_on_cola_fine_tune_cache_distill_and_score(tmp_path):
+    """The real pretrained encoder (all-MiniLM-L6-v2 from its PyPI wheel) on 48 CoLA sentences of the shared TSVs:
+    class logits from the store equal the fine-tuned model's, its token rule leaves nothing out (no massive
+    activations, unlike a decoder's), and a 2-step distillation trains and scores."""
+    from helpers import real_model
+    from pipeline.data.prepared import PreparedData, collate_classification
+    from pipeline.features.store import FeatureStore
+    from pipeline.models.encoders import encoder_forward, load_classifier
+
+    cola = Path(os.environ.get("GEOKD_GLUE_DATA") or Path(__file__).resolve().parents[2] / "shared/data/glue") / "cola"
+    if not (cola / "train.tsv").is_file():
+        pytest.skip(f"GLUE data not found at {cola}")
+    minilm = real_model("minilm-l6", "minilm")
+    data = tmp_path / "data"
+    stage_ok("prepare", "--task", "cola", "--data", cola, "--tokenizer", minilm, "--out", data, "--limit", "48")
+    stage_ok("train", "--mode", "sft", "--data", data, "--student", minilm, "--out", tmp_path / "teacher",
+             "--max_steps", "2", "--micro_batch_size", "16", "--lr", "1e-4", "--progress", "false")
+    teacher = tmp_path / "teacher" / "model"
+    stage_ok("make_student", "--teacher", teacher, "--layers", "1,3,5", "--out", tmp_path / "student")
+    store = tmp_path / "valid_store"
+    stage_ok("cache", "--data", data, "--split", "valid", "--teacher", teacher, "--out", store, "--layers", "2", "4",
+             "--progress", "false")
+    items = [PreparedData(data).split("valid")[i] for i in range(8)]
+    batch = collate_classification(items, 0)
+    model = load_classifier(str(teacher), ["unacceptable", "acceptable"]).eval()
+    with torch.no_grad():
+        _, logits = encoder_forward(model, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], [])
+    features = FeatureStore(store)
+    for b, item in enumerate(items):
+        torch.testing.assert_close(features.get_class_logits(item["sample_id"]), logits[b], rtol=1e-5, atol=1e-5)
+    stage_ok("analyze", "--features", store, "--data", data, "--split", "valid", "--out", tmp_path / "analysis")
+    layers = json.loads((tmp_path / "analysis" / "analysis.json").read_text())["layers"]
+    assert layers["4"]["outlier_tokens"] == 0 and layers["4"]["first_token_norm_ratio"] < 3
+    # A valid store for the student's geometry report: the valid split both trains and validates here.
+    stage_ok("train", "--mode", "distill", "--data", data, "--train_split", "valid", "--student", tmp_path / "student",
+             "--features", store, "--valid_features", store, "--loss", "procrustes", "--layer_map", "1:2", "2:4",
+             "--max_steps", "2", "--micro_batch_size", "16", "--progress", "false", "--out", tmp_path / "distill")
+    rows = [json.loads(x) for x in (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kd"] >= 0 and rows[0]["procrustes/s2_t4"] > 0 and rows[-1]["split"] == "valid"
+    stage_ok("eval", "--data", data, "--models", teacher, tmp_path / "distill" / "model", "--names", "teacher",
+             "student", "--out", tmp_path / "eval")
+    results = json.loads((tmp_path / "eval" / "scores.json").read_text())["results"]
+    assert {r["cola"]["n_samples"] for r in results.values()} == {48}
