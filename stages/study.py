@@ -261,8 +261,8 @@ def run_glue(cfg: StudyConfig) -> dict:
     data = glue.prepare_task(cfg.task, cfg.glue_dir, cfg.teacher, out / "data", log, cfg.max_len, cfg.limit)
     teacher = Path(cfg.teacher)
     if not glue.is_fine_tuned(teacher):
-        args = train_args(cfg, out / "teacher", data, cfg.teacher, cfg.teacher_steps, 0)
-        teacher = glue.train_classifier(args + ["--mode", "sft", "--lr", str(cfg.teacher_lr)], out / "teacher", log)
+        args = train_args(cfg, out / "teacher", data, cfg.teacher, cfg.teacher_steps, 0, cfg.teacher_lr)
+        teacher = glue.train_classifier(args + ["--mode", "sft"], out / "teacher", log)
     student = glue.cut_student(teacher, cfg.student_layers, out / "student", log)
     features = glue.cache_task(data, teacher, layers, out / "features", log)
     print(f"[study] 2/5 {len(points)} runs x {len(cfg.seeds)} training seeds")
@@ -300,9 +300,10 @@ def train_all(cfg: StudyConfig, points: list, out: Path, data: Path, student: st
     return runs
 
 
-def train_args(cfg: StudyConfig, out: Path, data: Path, model: str, steps: int, seed: int) -> list[str]:
+def train_args(cfg: StudyConfig, out: Path, data: Path, model: str, steps: int, seed: int,
+               lr: float | None = None) -> list[str]:
     return ["stages.train", "--data", str(data), "--student", model, "--out", str(out), "--max_steps", str(steps),
-            "--micro_batch_size", str(cfg.micro_batch_size), "--lr", str(cfg.lr), "--seed", str(seed),
+            "--micro_batch_size", str(cfg.micro_batch_size), "--lr", str(lr or cfg.lr), "--seed", str(seed),
             "--checkpoint_every", "100", "--eval_samples", "200", "--progress", "false"]
 
 
