@@ -53,11 +53,12 @@ QUICK = {"methods": ["sft", "kd", "kd_procrustes"], "seeds": [0, 1, 2], "student
          "sampling_seeds": [10, 20], **TRAIN}
 FULL = {"methods": list(DEFAULT_METHODS), "seeds": [0, 1, 2, 3, 4], "student_steps": 300, "eval_samples": 100,
         "sampling_seeds": [10, 20, 30, 40, 50], **TRAIN}
-# GLUE (--task): MiniLM-L6-sized encoders on 2 CPU cores; --quick trains on the first 2,000 examples.
-GLUE_TRAIN = {"micro_batch_size": 32, "lr": 1e-4, "eval_samples": 0, "sampling_seeds": [0]}
-GLUE_QUICK = {"methods": ["sft", "kd", "kd_pkd", "kd_procrustes"], "seeds": [0, 1, 2], "student_steps": 60,
-              "teacher_steps": 120, "limit": 2000, **GLUE_TRAIN}
-GLUE_FULL = {"methods": list(GLUE_METHODS), "seeds": [0, 1, 2, 3, 4], "student_steps": 800, "teacher_steps": 800,
+# GLUE (--task): MiniLM-L6-sized encoders on 2 CPU cores (BENCHMARKS.md "GLUE"): the full study fine-tunes the
+# teacher for 2 epochs of CoLA and trains each student for 1; --quick trains on the first 2,000 examples.
+GLUE_TRAIN = {"micro_batch_size": 32, "lr": 1e-4, "eval_samples": 0, "sampling_seeds": [0]}  # no generation
+GLUE_QUICK = {"methods": ["sft", "kd", "kd_procrustes"], "seeds": [0, 1], "student_steps": 60, "teacher_steps": 100,
+              "limit": 2000, **GLUE_TRAIN}
+GLUE_FULL = {"methods": list(GLUE_METHODS), "seeds": [0, 1, 2, 3, 4], "student_steps": 267, "teacher_steps": 534,
              "limit": 0, **GLUE_TRAIN}
 
 
@@ -94,7 +95,7 @@ class StudyConfig:
     glue_dir: str = field(default_factory=default_glue_dir, metadata={"help": "folder of the GLUE tasks' folders"})
     student_layers: str = field(default=STUDENT_LAYERS, metadata={
         "help": "--task: the teacher layers (0-based) the student keeps, cut from the fine-tuned teacher"})
-    teacher_lr: float = field(default=5e-5, metadata={"help": "--task: the teacher's fine-tuning learning rate"})
+    teacher_lr: float = field(default=1e-4, metadata={"help": "--task: the teacher's fine-tuning learning rate"})
     max_len: int = field(default=128, metadata={"help": "--task: tokens per example at most"})
     limit: Optional[int] = field(default=None, metadata={"help": "--task: train examples used, 0: all (" +
                                                          _default("limit") + ")"})
