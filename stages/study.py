@@ -240,14 +240,7 @@ def run(cfg: StudyConfig) -> dict:
               "--seeds", *map(str, cfg.sampling_seeds), "--out", str(out / "eval")], log)
 
     print("[study] 4/5 statistics")
-    results = analyse(cfg, names, runs, out / "eval")
-    results.update(layers=layers, wall_s=round(time.time() - started, 1), config=config_to_dict(cfg))
-    (out / "study.json").write_text(json.dumps(results, indent=2))
-    print("[study] 5/5 report")
-    forest_plot(results, out / "forest.png")
-    report = write_report(cfg, results, out)
-    print("\n" + report + f"\n[study] wrote {out / 'report.md'}, {out / 'forest.png'}, {out / 'study.json'}")
-    return results
+    return report_study(cfg, analyse(cfg, names, runs, out / "eval"), layers, started, out)
 
 
 def run_glue(cfg: StudyConfig) -> dict:
@@ -276,6 +269,11 @@ def run_glue(cfg: StudyConfig) -> dict:
     from eval.bootstrap import paired_metric_bootstrap
 
     results = glue.analyse(names, cfg.seeds, cfg.reference, runs, out / "eval", scores, paired_metric_bootstrap)
+    return report_study(cfg, results, layers, started, out)
+
+
+def report_study(cfg: StudyConfig, results: dict, layers: list[int], started: float, out: Path) -> dict:
+    """study.json, forest.png and report.md of analysed results."""
     results.update(layers=layers, wall_s=round(time.time() - started, 1), config=config_to_dict(cfg))
     (out / "study.json").write_text(json.dumps(results, indent=2))
     print("[study] 5/5 report")

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.geometry import TokenRule, logit_kd
-from pipeline.models.encoders import cls_rows, encoder_forward
-from pipeline.train.config import pair_key, pair_name
+from pipeline.geometry import logit_kd
+from pipeline.models.encoders import encoder_forward
 from pipeline.train.targets import TeacherTargets
 
 
@@ -43,19 +41,7 @@ def classifier_terms(model: Any, input_ids: Tensor, attention_mask: Tensor, toke
         kd = logit_kd(logits, teacher.class_logits, None, obj.temperature)
         terms["kd"] = kd
         total = total + obj.alpha * kd
-    loss = obj.feature_loss
-    if loss is not None:
-        feat = torch.zeros((), device=logits.device, dtype=torch.float32)
-        for (s, t), w in zip(obj.pairs, obj.weights):
-            hs, ht, mask = hidden[s], teacher.layers[t], attention_mask
-            if obj.rows == "cls":
-                (hs, mask), ht = cls_rows(hs), ht[:, :1]
-            rows, left_out = obj.rule.select(ht, mask) if obj.loss != "pkd" else (mask, 0)
-            d = loss(hs, ht, rows, model.projections[pair_key(s, t)] if loss.learned else None,
-                     rule=TokenRule(0.0, obj.rule.row_normalize))
-            terms[pair_name(obj.loss, s, t)] = d
-            terms[f"rows_left_out/{pair_key(s, t)}"] = torch.tensor(float(left_out))
-            feat = feat + w * d
-        total = total + obj.beta * feat
+    if obj.feature_loss is not None:
+        total = total + obj.beta * model.feature_terms(hidden, teacher.layers, attention_mask, terms)
     terms["loss"] = total
     return terms

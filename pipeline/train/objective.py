@@ -27,6 +27,7 @@ from pipeline.geometry import (
     logit_kd, procrustes_distance,
 )
 from pipeline.models import FINAL, layer_map, mapped_teacher_layers, record_hidden_states
+from pipeline.models.encoders import cls_rows
 from pipeline.train.config import TrainConfig, pair_key, pair_name, parse_layer_map
 from pipeline.train.classifier import classifier_terms
 from pipeline.train.targets import TeacherTargets
@@ -226,19 +227,28 @@ class StudentWithHeads(nn.Module):
             kd = kd_loss(logits, predict, teacher, obj.kd, obj.temperature, log_probs)
             terms["kd"] = kd
             total = total + obj.alpha * kd
-        loss = obj.feature_loss
-        if loss is not None:
-            feat = torch.zeros((), device=final.device, dtype=torch.float32)
-            for (s, t), w in zip(obj.pairs, obj.weights):
-                rows, left_out = obj.rule.select(teacher.layers[t], attention_mask)
-                d = loss(hidden[s], teacher.layers[t], rows, self.projections[pair_key(s, t)]
-                         if loss.learned else None, rule=TokenRule(0.0, obj.rule.row_normalize))
-                terms[pair_name(obj.loss, s, t)] = d
-                terms[f"rows_left_out/{pair_key(s, t)}"] = torch.tensor(float(left_out))
-                feat = feat + w * d
-            total = total + obj.beta * feat
+        if obj.feature_loss is not None:
+            total = total + obj.beta * self.feature_terms(hidden, teacher.layers, attention_mask, terms)
         terms["loss"] = total
         return terms
+
+    def feature_terms(self, hidden: dict[int, Tensor], teacher_layers: dict[int, Tensor], attention_mask: Tensor,
+                      terms: dict[str, Any]) -> Tensor:
+        """sum_l w_l D(l) over the layer pairs, each D(l) and its rows left out by the token rule put in `terms`.
+        A classifier's `rows == "cls"` compares one [CLS] row per example, and PKD always does (no token rule)."""
+        obj, loss = self.objective, self.objective.feature_loss
+        feat = torch.zeros((), device=attention_mask.device, dtype=torch.float32)
+        for (s, t), w in zip(obj.pairs, obj.weights):
+            hs, ht, mask = hidden[s], teacher_layers[t], attention_mask
+            if obj.rows == "cls":
+                (hs, mask), ht = cls_rows(hs), ht[:, :1]
+            rows, left_out = obj.rule.select(ht, mask) if obj.loss != "pkd" else (mask, 0)
+            d = loss(hs, ht, rows, self.projections[pair_key(s, t)] if loss.learned else None,
+                     rule=TokenRule(0.0, obj.rule.row_normalize))
+            terms[pair_name(obj.loss, s, t)] = d
+            terms[f"rows_left_out/{pair_key(s, t)}"] = torch.tensor(float(left_out))
+            feat = feat + w * d
+        return feat
 
 
 def kd_loss(logits: Tensor, predict: Tensor, teacher: TeacherTargets, source: str, temperature: float,
