@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from pipeline.errors import ConfigError
 from pipeline.models import preset_config
@@ -22,9 +22,12 @@ def model_config(spec: str, tokenizer: PreTrainedTokenizerBase | None = None):
 
 def count_parameters(spec: str, tokenizer: PreTrainedTokenizerBase | None = None) -> int:
     """Parameters of a model dir or preset, counted on the meta device (no memory, no weights read)."""
+    from pipeline.models.encoders import is_causal_config
+
     config = model_config(spec, tokenizer)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    encoder = not spec.startswith("preset:") and not is_causal_config(config.to_dict())
+    with torch.device("meta"):  # an encoder as the classifier it is trained as, not as a causal LM
+        model = (AutoModelForSequenceClassification if encoder else AutoModelForCausalLM).from_config(config)
     return sum(p.numel() for p in model.parameters())
 
 
