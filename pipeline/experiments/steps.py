@@ -53,7 +53,9 @@ def train_step(args: list[str], out: Path, log: Path) -> None:
     if (out / "model" / "config.json").exists():
         print(f"[steps] {out}: done already")
         return
-    run_step(args + (["--resume"] if (out / "checkpoints").exists() else []), log)
+    # A run killed before its first checkpoint left metrics only: --resume starts it over, logging no step twice.
+    started = (out / "checkpoints").exists() or (out / "metrics.jsonl").exists()
+    run_step(args + (["--resume"] if started else []), log)
 
 
 def prepare_builtin(out: Path, tokenizer: str, log: Path) -> tuple[Path, Path]:
