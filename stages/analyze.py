@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 
 from pipeline.config import stage_main
-from pipeline.data.prepared import PreparedData, collate_batch, collate_classification
+from pipeline.data.prepared import PreparedData, collate_items
 from pipeline.errors import ConfigError
 from pipeline.geometry import DEFAULT_TOKEN_RULE
 from pipeline.features.analysis import analyze_batches
@@ -62,7 +62,7 @@ def teacher_batches(cfg: AnalyzeConfig, tokens: Any, tok: Any, layers: list[int]
         model, device = load_frozen_teacher(cfg.teacher, tokenizer=tok, dtype=torch.float32, device=pick_device())
     pad_id = tok.pad_token_id
     for positions in _chunks(len(tokens), cfg):
-        batch = (collate_classification if task else collate_batch)([tokens[p] for p in positions], pad_id)
+        batch = collate_items([tokens[p] for p in positions], pad_id)
         types = batch.get("token_type_ids")
         with torch.no_grad():
             hidden = capture_hidden_states(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),

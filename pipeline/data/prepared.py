@@ -370,6 +370,12 @@ def collate_batch(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]
             "prompt_lens": torch.tensor([x["prompt_len"] for x in items], dtype=torch.long)}
 
 
+def collate_items(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch of either kind of prepared sample: `collate_classification` when the items carry class labels,
+    else `collate_batch`."""
+    return (collate_classification if "label" in items[0] else collate_batch)(items, pad_id)
+
+
 def collate_classification(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad classification items: input_ids, attention_mask, token_type_ids (0 on padding) [B, T]; labels
     (class ids) and sample_ids [B]."""

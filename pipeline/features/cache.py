@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.data.prepared import collate_batch, collate_classification
+from pipeline.data.prepared import collate_items
 from pipeline.errors import StoreError
 from pipeline.features.format import (
     CLASS_LOGITS, LM_HEAD_FILE, LOWRANK_FILE, PER_SAMPLE, QUANT_FILE, layer_key, parse_layer, read_quant_params,
@@ -100,8 +100,7 @@ def compute_unit(model: Any, dataset: Any, start: int, end: int, *, layers: Sequ
     per_sample: dict[int, dict[str, Tensor]] = {}
     energy: dict[str, list[float]] = {}
     for positions in length_batches(lengths, range(start, end), batch_tokens, max_batch_size):
-        items = [dataset[p] for p in positions]
-        batch = (collate_classification if "label" in items[0] else collate_batch)(items, pad_id)
+        batch = collate_items([dataset[p] for p in positions], pad_id)
         rows, e = teacher_rows(model, batch["input_ids"], batch["attention_mask"], layers, final=final, topk=topk,
                                store_dtype=store_dtype, lowrank=lowrank, device=device, quant=quant,
                                params=params, token_type_ids=batch.get("token_type_ids"))

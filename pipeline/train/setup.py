@@ -311,8 +311,8 @@ def setup(cfg: TrainConfig, plan: Plan | None = None) -> Run:
     pad = plan.tokenizer.pad_token_id
     return Run(cfg=cfg, dist=dist, device=device, out=out, engine=engine, stage=stage, objective=objective,
                tokenizer=plan.tokenizer, train_set=train_set, valid_set=valid_set, valid_store=plan.valid_store,
-               teacher=teacher, head=head, collate=make_collate(pad, store is not None, objective.classifier),
-               valid_collate=make_collate(pad, plan.valid_store is not None, objective.classifier),
+               teacher=teacher, head=head, collate=make_collate(pad, store is not None),
+               valid_collate=make_collate(pad, plan.valid_store is not None),
                steps_per_epoch=steps_per_epoch,
                total_steps=total_steps, inputs=plan.inputs, ds_config=plan.ds_config, elastic=plan.elastic,
                lock=lock)
